@@ -1,0 +1,52 @@
+"""The scoring seam: one ``Scorer`` protocol that every runtime implements (torch-free).
+
+A scorer takes preprocessed float32 batches [N, 3, S, S] (see ``ngcal.core.images``) and
+returns image scores [N] and, where the runtime produces them, anomaly maps [N, S, S].
+Backends (onnxruntime, TensorRT) live in their own modules and import their runtime
+lazily; the daemon and benchmarks depend only on this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .manifest import Preprocessing
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Outputs for one batch: ``image_scores`` float32 [N]; ``anomaly_maps`` [N, S, S] or None."""
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray | None = None
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A loaded model that scores preprocessed batches."""
+
+    @property
+    def name(self) -> str:
+        """Runtime and device, e.g. ``onnxruntime:CPUExecutionProvider``."""
+        ...
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the model expects (from its manifest)."""
+        ...
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch ``score`` accepts in one call."""
+        ...
+
+    def score(self, batch: np.ndarray) -> ScoreResult:
+        """Score float32 [N, 3, S, S]; N <= ``max_batch``."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+        ...
