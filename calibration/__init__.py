@@ -1,0 +1,1 @@
+"""ngcal.calibration: see the module docstrings."""

@@ -1,0 +1,1 @@
+"""ngcal.core.patchcore: see the module docstrings."""

@@ -1,0 +1,1 @@
+"""ngcal.export: see the module docstrings."""

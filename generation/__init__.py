@@ -1,0 +1,1 @@
+"""ngcal.generation: see the module docstrings."""
