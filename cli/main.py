@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a model directory to a verified ONNX/TensorRT bundle"),
     "serve": ("serve", "run the edge daemon: watch folders, score, publish over MQTT"),
     "status": ("status", "show the daemon's state from its state database"),
+    "demo": ("demo", "run fit, generate, calibrate, export and evaluate on procedural demo data"),
 }
 
 

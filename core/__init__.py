@@ -1,1 +1,1 @@
-"""ngcal.core: shared contracts (artifacts, score sets, thresholds, scorer) and the PatchCore model."""
+"""ngcal.core: shared contracts (artifacts, score sets, thresholds, scorer) and PatchCore."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError
-from .files import fsync_dir
+from .files import fsync_dir, read_json
 from .manifest import MANIFEST_NAME, BundleManifest, read_manifest
 from .scoresets import SCORESET_SCHEMA, ScoreSet
 from .thresholds import ThresholdFile, load_thresholds
@@ -50,6 +50,8 @@ THRESHOLDS_NAME = "thresholds.json"
 SCORES_DIR = "scores"
 PREV_SUFFIX = ".prev"
 _TMP_PREFIX = ".ngcal-install-"
+#: Installed bundles are world-readable (the daemon may run as another user); never writable.
+_FILE_MODE, _DIR_MODE = 0o644, 0o755
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,6 @@ class Bundle:
         folder = self.root / SCORES_DIR
         if not folder.is_dir():
             return []
-        from .files import read_json
-
         out: list[ScoreSet] = []
         for f in sorted(folder.rglob("*.json")):
             if f.name.startswith("."):
@@ -144,9 +144,11 @@ def _copy_tree_durable(src: Path, dst: Path, copy: Callable[[Path, Path], object
                 continue
             target = target_dir / name
             copy(Path(dirpath) / name, target)
+            os.chmod(target, _FILE_MODE)
             with open(target, "rb+") as f:
                 os.fsync(f.fileno())
     for dirpath, _, _ in os.walk(dst, topdown=False):
+        os.chmod(dirpath, _DIR_MODE)
         fsync_dir(dirpath)
 
 
@@ -210,15 +212,13 @@ def install_bundle(
         installed = open_bundle(tmp)
         prev = dest.with_name(dest.name + PREV_SUFFIX)
         if dest.exists():
+            if prev.exists():
+                shutil.rmtree(prev)  # the one before the previous is dropped
             if _exchange(tmp, dest):
                 # tmp now holds the old bundle; keep it as .prev
                 fsync_dir(dest.parent)
-                if prev.exists():
-                    shutil.rmtree(prev)
                 os.rename(tmp, prev)
             else:
-                if prev.exists():
-                    shutil.rmtree(prev)
                 os.rename(dest, prev)  # a crash here is repaired by recover_install
                 os.rename(tmp, dest)
         else:

@@ -21,7 +21,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     """Bicubically upsampled uniform noise in [0, 1], shape [size, size]."""
     coarse = rng.random((cells + 1, cells + 1)).astype(np.float32)
     im = Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im, dtype=np.float32)
+    out: np.ndarray = np.asarray(im, dtype=np.float32)
+    return out
 
 
 def good_surface(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -31,7 +32,8 @@ def good_surface(rng: np.random.Generator, size: int) -> np.ndarray:
     period = rng.uniform(5.0, 6.0)
     marks = 6 * np.sin(2 * np.pi * yy / period + rng.uniform(0, 2 * np.pi))
     grain = rng.normal(0, 5, (size, size)).astype(np.float32)
-    return np.clip(shade + marks + grain, 0, 255).astype(np.float32)
+    surface: np.ndarray = np.clip(shade + marks + grain, 0, 255).astype(np.float32)
+    return surface
 
 
 def _draw_defect(

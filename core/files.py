@@ -6,6 +6,7 @@ target, fsync the directory. A reader sees the old file or the new one, never ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,16 +58,15 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared read-only
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     fsync_dir(target.parent)
 
@@ -101,7 +101,8 @@ def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
 def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
     """Load a ``.npy`` array with pickles refused; errors name the file."""
     try:
-        return np.load(path, allow_pickle=False)
+        arr: np.ndarray = np.load(path, allow_pickle=False)
+        return arr
     except FileNotFoundError as e:
         raise ArtifactError(f"{path}: file not found") from e
     except (ValueError, OSError) as e:

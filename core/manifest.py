@@ -7,11 +7,13 @@ The manifest is written last, so a folder without one is incomplete by definitio
 Layout of a model directory::
 
     manifest.json            ModelManifest
+    backbone.safetensors     backbone weights (so a model dir loads without the weights package)
     memory_bank.npy          float32 [M, D]  coreset of locally aware patch features
     memory_bank_source.npy   int32 [M]       index of the training image each row came from
     projection.npy           float32 [C, D]  optional random projection (C = raw channels)
     scores/normal_loo.json   ScoreSet        leave-one-out scores of the training images
-    scores/*.json            ScoreSet        other score sets (holdout, synthetic, real)
+    scores/normal_holdout.json ScoreSet      K-fold cross-fitted scores of the training images
+    scores/*.json            ScoreSet        other score sets (synthetic, real)
     thresholds.json          ThresholdFile   optional
 
 A bundle adds ``model.onnx`` (and engines built on the device) and copies the score sets
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,8 +33,8 @@ from .files import atomic_write_json, read_json, sha256_file
 from .version import ngcal_version
 
 MANIFEST_NAME = "manifest.json"
-MODEL_SCHEMA = "ngcal.model/1"
-BUNDLE_SCHEMA = "ngcal.bundle/1"
+MODEL_SCHEMA: Final = "ngcal.model/1"
+BUNDLE_SCHEMA: Final = "ngcal.bundle/1"
 
 
 class _Strict(BaseModel):
@@ -158,7 +160,9 @@ def list_files(root: str | Path) -> list[str]:
     return names
 
 
-def write_manifest(root: str | Path, manifest: AnyManifest, names: list[str] | None = None) -> AnyManifest:
+def write_manifest(
+    root: str | Path, manifest: AnyManifest, names: list[str] | None = None
+) -> AnyManifest:
     """Hash ``names`` (default: every file in ``root``) into ``manifest`` and write it last."""
     root = Path(root)
     files = hash_files(root, list_files(root) if names is None else names)

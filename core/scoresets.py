@@ -93,7 +93,7 @@ class ScoreSet:
     def to_json(self) -> dict[str, Any]:
         """The file representation."""
         items = []
-        for i, (iid, s) in enumerate(zip(self.item_ids, self.scores.tolist())):
+        for i, (iid, s) in enumerate(zip(self.item_ids, self.scores.tolist(), strict=False)):
             item: dict[str, Any] = {"id": iid, "score": s}
             if self.groups is not None:
                 item["group"] = self.groups[i]

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ArtifactError
 from .files import atomic_write_json, read_json
 
-THRESHOLDS_SCHEMA = "ngcal.thresholds/1"
+THRESHOLDS_SCHEMA: Final = "ngcal.thresholds/1"
 
 
 class Interval(BaseModel):

@@ -14,4 +14,20 @@ Modules, one concern each:
 - ``service``: wires the parts, runs until SIGTERM/SIGINT and drains.
 
 Nothing here imports torch; onnxruntime and paho are imported where they are used.
+
+Where this goes beyond ``architecture.md`` (and why):
+
+- Commands are subscribed topic by topic (``cmd/confirm|recalibrate|rollback``), not as
+  ``cmd/+``: the wildcard also matches the daemon's own ``cmd/ack`` and made it answer its
+  own answers.
+- The policy state is stored in the state database in the same transaction as its audit
+  entry and ``recalibration`` event; ``policy_state.json``/``thresholds.json`` are atomic
+  exports written after the commit (a crash between the two cannot make them disagree).
+- The relay keeps at most min(``max_inflight``, the broker's MQTT v5 Receive Maximum)
+  publishes in flight: paho does not enforce the broker's limit, stricter brokers than
+  Mosquitto disconnect a client that exceeds it.
+- sd_notify datagrams are sent non-blocking: a notify socket nobody reads (a supervisor
+  that only waits for READY) would otherwise block the main thread and the stop.
+- SQLite runs with ``synchronous=NORMAL``: a commit lost to a power cut also leaves its
+  file unmarked, and the reconciliation scan scores it again under the same msg_id.
 """

@@ -1,1 +1,1 @@
-"""ngcal.export: see the module docstrings."""
+"""ngcal.export: model directory -> verified ONNX/TensorRT bundle (torch imported lazily)."""

@@ -1,1 +1,1 @@
-"""ngcal.generation: see the module docstrings."""
+"""ngcal.generation: synthetic NG evidence (GLASS feature- and image-space anomalies)."""

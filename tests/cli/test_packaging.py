@@ -1,4 +1,4 @@
-"""Packaging guards: the wheel holds every part, bare names do not import, edge parts are torch-free."""
+"""Packaging guards: the wheel holds every part, bare names fail, edge parts are torch-free."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import ast
 import importlib.util
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("core", "generation", "export", "calibration", "daemon", "cli")
@@ -40,11 +40,23 @@ def test_package_list_matches_folders() -> None:
 
 
 def test_wheel_contains_every_subpackage(tmp_path: Path) -> None:
-    """A built wheel has each subpackage's __init__.py and py.typed (not only the editable install)."""
+    """A built wheel has each subpackage's __init__.py and py.typed (not just the editable)."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("ngcal-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -95,7 +107,10 @@ def test_edge_parts_import_without_torch(tmp_path: Path) -> None:
     """Every module of ngcal.core (but patchcore), ngcal.calibration and ngcal.daemon, and the
     CLI parser, import with torch made unimportable."""
     proc = subprocess.run(
-        [sys.executable, "-c", _TORCH_FREE_CHECK], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-c", _TORCH_FREE_CHECK],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -141,5 +156,7 @@ def test_cli_help_does_not_load_torch(tmp_path: Path) -> None:
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr

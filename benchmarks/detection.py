@@ -1,0 +1,244 @@
+"""Detection benchmark of PatchCore on an MVTec-layout category: accuracy, fit and score time.
+
+    python benchmarks/detection.py --data ../shared/data/magnetic_tile/tile [--variants]
+
+Prints one JSON object (progress on stderr): image/pixel AUROC, fit time (with its parts),
+scoring time per image, the speed of our chunked-matmul search against torch.cdist on the
+same bank (identical scores asserted to 1e-4), image-score rules compared on the same patch
+distances, how the normal score sets (LOO, cross-fitted holdout) compare to test/good, and
+with ``--variants`` extra fits (input size, coreset projection dim) with AUROC and latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic_tile" / "tile"
+)
+
+
+def log(msg: str) -> None:
+    print(f"[detection] {msg}", file=sys.stderr, flush=True)
+
+
+def fit_and_score(data: Path, out: Path, threads: int, **overrides: Any) -> dict[str, Any]:
+    """Fit with FitConfig(**overrides), score the test split; figures + the per-image arrays."""
+    import torch
+    from ngcal.core.dataset import load_category
+    from ngcal.core.patchcore.evaluation import downsample, image_figures, load_masks, pixel_auroc
+    from ngcal.core.patchcore.fitting import FitConfig, fit
+    from ngcal.core.patchcore.io import load_batch, load_model, score_paths
+
+    torch.set_num_threads(threads)
+    cat = load_category(data)
+    cfg = FitConfig(**overrides)
+    t0 = time.perf_counter()
+    res = fit([s.path for s in cat.train], out, cfg, [s.item_id for s in cat.train])
+    fit_s = time.perf_counter() - t0
+    loaded = load_model(out)
+    test = [s for s in cat.test if s.label is not None]
+    t0 = time.perf_counter()
+    scored = score_paths(loaded, [s.path for s in test], batch_size=1)
+    score_ms = (time.perf_counter() - t0) / len(test) * 1000
+    labels = np.array([s.label for s in test])
+    figs = image_figures(labels, scored.scores)
+    assert scored.maps is not None
+    masks = load_masks([s.mask for s in test], 64)
+    figs["pixel_auroc"] = pixel_auroc(downsample(scored.maps, 64), masks)
+    # model-only latency, batch 1, preprocessed input
+    x, _, _ = load_batch([test[0].path], loaded.preprocessing)
+    xt = torch.from_numpy(x)
+    with torch.inference_mode():
+        for _ in range(3):
+            loaded.module(xt)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            loaded.module(xt)
+    forward_ms = (time.perf_counter() - t0) / 20 * 1000
+    return {
+        "figures": figs,
+        "fit_seconds": fit_s,
+        "fit_parts": {k: round(v, 1) for k, v in res.timings.items()},
+        "score_ms_per_image": score_ms,
+        "forward_ms_batch1": forward_ms,
+        "loaded": loaded,
+        "test": test,
+        "labels": labels,
+        "scores": scored.scores,
+    }
+
+
+def compare_rules(
+    loaded: Any, test: list[Any], labels: np.ndarray
+) -> tuple[dict[str, float], dict[str, float]]:
+    """AUROC of each image-score rule on identical patch distances; and search timings."""
+    import torch
+    from ngcal.core.metrics import auroc
+    from ngcal.core.patchcore.io import load_batch
+    from ngcal.core.patchcore.nn_search import nearest, nearest_cdist
+
+    m = loaded.module
+    rules = {
+        "max": ("max", 1),
+        "topk_mean_3": ("topk_mean", 3),
+        "topk_mean_5": ("topk_mean", 5),
+        "topk_mean_10": ("topk_mean", 10),
+        "topk_mean_20": ("topk_mean", 20),
+        "reweighted_max": ("reweighted_max", 1),
+    }
+    out = {k: np.empty(len(test)) for k in rules}
+    t_ours = t_cdist = 0.0
+    t_naive = 0.0
+    n_naive = 0
+    max_diff = 0.0
+    saved = (m.image_score, m.topk)
+    with torch.inference_mode():
+        for i, s in enumerate(test):
+            x, _, _ = load_batch([s.path], loaded.preprocessing)
+            feats = m.embed(torch.from_numpy(x))
+            q = feats.reshape(-1, feats.shape[-1])
+            t0 = time.perf_counter()
+            d, idx = nearest(q, m.memory_bank, m.bank_sq, chunk=m.chunk)
+            t1 = time.perf_counter()
+            dc, ic = nearest_cdist(q, m.memory_bank)
+            t2 = time.perf_counter()
+            t_ours += t1 - t0
+            t_cdist += t2 - t1
+            max_diff = max(max_diff, float((d - dc).abs().max()))
+            if i % 50 == 0:  # the mm-free cdist is ~30x slower: sample it
+                t3 = time.perf_counter()
+                torch.cdist(
+                    q[None], m.memory_bank[None], compute_mode="donot_use_mm_for_euclid_dist"
+                )[0].min(1)
+                t_naive += time.perf_counter() - t3
+                n_naive += 1
+            dist, ind = d.reshape(1, -1), idx.reshape(1, -1)
+            for name, (rule, k) in rules.items():
+                m.image_score, m.topk = rule, k
+                out[name][i] = float(m.image_scores(feats, dist, ind)[0])
+    m.image_score, m.topk = saved
+    if max_diff > 1e-4:
+        raise SystemExit(f"matmul search differs from cdist by {max_diff}")
+    n = len(test)
+    timing = {
+        "search_ms_matmul": t_ours / n * 1000,
+        "search_ms_cdist": t_cdist / n * 1000,
+        "search_ms_cdist_no_mm": t_naive / max(n_naive, 1) * 1000,
+        "cdist_max_abs_diff": max_diff,
+    }
+    return {k: auroc(labels, v) for k, v in out.items()}, timing
+
+
+def normal_vs_test_good(model_dir: Path, test: list[Any], scores: np.ndarray) -> dict[str, Any]:
+    """KS statistic and p99/p99-based FPR of normal score sets against test/good scores."""
+    from ngcal.core.scoresets import load_scoreset
+    from scipy.stats import ks_2samp
+
+    good = scores[np.array([s.label == 0 for s in test])]
+    out: dict[str, Any] = {
+        "test_good_p99": float(np.quantile(good, 0.99)),
+        "n_test_good": int(good.size),
+    }
+    for name in ("normal_loo", "normal_holdout"):
+        p = model_dir / "scores" / f"{name}.json"
+        if not p.is_file():
+            continue
+        ss = load_scoreset(p).scores
+        ks = ks_2samp(ss, good)
+        p99 = float(np.quantile(ss, 0.99))
+        out[name] = {
+            "ks_statistic": float(ks.statistic),
+            "ks_pvalue": float(ks.pvalue),
+            "p99": p99,
+            "test_good_fpr_at_p99": float(np.mean(good >= p99)),
+            "p95": float(np.quantile(ss, 0.95)),
+            "test_good_fpr_at_p95": float(np.mean(good >= np.quantile(ss, 0.95))),
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("NGCAL_DATA", DEFAULT_DATA)))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", action="store_true", help="also fit 320 px and coreset dim 16")
+    ap.add_argument("--model-out", type=Path, default=None, help="keep the main model here")
+    args = ap.parse_args()
+    import torch
+
+    result: dict[str, Any] = {
+        "data": args.data.resolve().name,
+        "torch_threads": args.threads,
+        "cpu_count": os.cpu_count(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        log("fit (defaults: Lite0, 256 px, coreset 1% greedy on all patches, dim 32, 5 folds)")
+        model_dir = args.model_out or Path(tmp) / "model"
+        main_run = fit_and_score(args.data, model_dir, args.threads)
+        figs = main_run["figures"]
+        result.update(
+            image_auroc=figs["image_auroc"],
+            pixel_auroc=figs["pixel_auroc"],
+            f1_oracle=figs["f1_oracle"],
+            threshold_oracle=figs["threshold_oracle"],
+            fit_seconds=round(main_run["fit_seconds"], 1),
+            fit_parts=main_run["fit_parts"],
+            score_ms_per_image=round(main_run["score_ms_per_image"], 1),
+            forward_ms_batch1=round(main_run["forward_ms_batch1"], 1),
+        )
+        pc = main_run["loaded"].manifest.patchcore
+        result["memory_bank"] = [pc.coreset_size, pc.feature_dim]
+        result["image_score_default"] = pc.image_score
+        result["loo_patch_nn"] = {
+            k: round(v, 3) for k, v in pc.stats.items() if k.startswith("loo_patch")
+        }
+        log("image-score rules and search timing")
+        rules, timing = compare_rules(main_run["loaded"], main_run["test"], main_run["labels"])
+        result["image_score_rules_auroc"] = {k: round(v, 4) for k, v in rules.items()}
+        result.update(
+            {k: round(v, 3) if k != "cdist_max_abs_diff" else v for k, v in timing.items()}
+        )
+        result["cdist_over_matmul"] = round(
+            timing["search_ms_cdist"] / timing["search_ms_matmul"], 2
+        )
+        result["cdist_no_mm_over_matmul"] = round(
+            timing["search_ms_cdist_no_mm"] / timing["search_ms_matmul"], 1
+        )
+        result["normal_scores_vs_test_good"] = normal_vs_test_good(
+            model_dir, main_run["test"], main_run["scores"]
+        )
+        if args.variants:
+            variants: dict[str, Any] = {}
+            for name, ov in {
+                "image_size_320": {"image_size": 320, "cv_folds": 0},
+                "coreset_dim_16": {"coreset_proj_dim": 16, "cv_folds": 0},
+                "no_crossfit_256": {"cv_folds": 0},
+            }.items():
+                log(f"variant {name}")
+                r = fit_and_score(args.data, Path(tmp) / name, args.threads, **ov)
+                variants[name] = {
+                    "image_auroc": round(r["figures"]["image_auroc"], 4),
+                    "pixel_auroc": round(r["figures"]["pixel_auroc"], 4),
+                    "fit_seconds": round(r["fit_seconds"], 1),
+                    "fit_parts": r["fit_parts"],
+                    "score_ms_per_image": round(r["score_ms_per_image"], 1),
+                    "forward_ms_batch1": round(r["forward_ms_batch1"], 1),
+                }
+            result["variants"] = variants
+    del torch
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

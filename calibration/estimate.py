@@ -1,0 +1,211 @@
+"""One entry point: score sets in, a ``ThresholdFile`` with expected rates and evidence out.
+
+Modes (the product takes the operating point as input; no fixed rule suits every line):
+
+- ``target_fpr``: normal evidence only, conformal bound P(FPR > target) <= 1 - confidence
+  (:mod:`ngcal.calibration.normal`); NG evidence, when present, only reports the miss rate.
+- ``f1``: F1-optimal at the operating point's prevalence.
+- ``cost`` (the default): least expected cost per part at the operating point (a miss
+  costs ``cost_ratio`` false rejects at defect ``prevalence``). It is the default because it
+  is the only mode whose objective is the factory's own trade-off; F1 silently assumes
+  the test split's NG share and a target FPR ignores what misses cost.
+- ``miss_rate``: miss rate at most ``miss_rate`` at the weakest synthetic severity that must
+  be caught (``required_severity``), or on the fused NG evidence when none is named.
+
+NG evidence is the fused mixture of synthetic and real NG (:mod:`ngcal.calibration.fusion`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ngcal.core.errors import ConfigError, DataError
+from ngcal.core.scoresets import ScoreSet
+from ngcal.core.thresholds import Interval, OperatingPoint, ThresholdFile
+
+from . import fusion, ng, normal
+
+MODES: tuple[str, ...] = ("target_fpr", "f1", "cost", "miss_rate")
+DEFAULT_MODE = "cost"
+
+
+def _model_sha(scoresets: Sequence[ScoreSet], given: str | None) -> str:
+    if given is not None:
+        return given
+    shas = {s.model_sha256 for s in scoresets if s.model_sha256}
+    if len(shas) > 1:
+        raise DataError(f"score sets come from {len(shas)} different models: {sorted(shas)}")
+    return next(iter(shas), "")
+
+
+def _note(v: float | int | str | None) -> float | int | str | None:
+    """A JSON-safe note value: numpy floats to float, NaN/inf to None."""
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else None
+    return v
+
+
+def rate_intervals(
+    ev: fusion.FusedEvidence, threshold: float, *, level: float = 0.95
+) -> tuple[Interval, Interval]:
+    """Expected FPR and miss rate of ``threshold`` on the evidence, with Jeffreys intervals.
+
+    The FPR is the worst normal group's and its interval uses that group's size; the
+    miss-rate interval uses the
+    Kish effective size of the weighted NG sample (real and synthetic mixed).
+    """
+    if ev.normal.size:
+        per = [normal.empirical_fpr(x, threshold) for x in ev.normal_groups]
+        worst = int(np.argmax(per))
+        f = per[worst]
+        lo, hi = ng.jeffreys_interval(f, float(ev.normal_groups[worst].size), level)
+        fpr = Interval(value=f, low=lo, high=hi, level=level)
+    else:
+        fpr = Interval(value=None, level=level)
+    if ev.ng.scores:
+        m = ng.weighted_fnr(ev.ng, threshold)
+        lo, hi = ng.jeffreys_interval(m, ev.ng.n_effective, level)
+        fnr = Interval(value=m, low=lo, high=hi, level=level)
+    else:
+        fnr = Interval(value=None, level=level)
+    return fpr, fnr
+
+
+def expected_rates(
+    scoresets: Sequence[ScoreSet],
+    threshold: float,
+    *,
+    prior_pseudo_count: float = fusion.DEFAULT_PRIOR_PSEUDO_COUNT,
+    normal_rule: str = "max",
+    level: float = 0.95,
+) -> tuple[Interval, Interval]:
+    """Expected (FPR, miss rate) of an arbitrary threshold on fused evidence."""
+    ev = fusion.fuse(scoresets, prior_pseudo_count=prior_pseudo_count, normal_rule=normal_rule)
+    return rate_intervals(ev, threshold, level=level)
+
+
+def calibrate(
+    scoresets: Sequence[ScoreSet],
+    *,
+    mode: str = DEFAULT_MODE,
+    target_fpr: float = 0.01,
+    confidence: float = 0.95,
+    operating_point: OperatingPoint | None = None,
+    miss_rate: float = 0.05,
+    required_severity: float | None = None,
+    prior_pseudo_count: float = fusion.DEFAULT_PRIOR_PSEUDO_COUNT,
+    normal_rule: str = "max",
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+    model_sha256: str | None = None,
+    created_by: str = "ngcal calibrate",
+    version: int = 1,
+    parent_version: int | None = None,
+    now: str | None = None,
+) -> ThresholdFile:
+    """Calibrate a threshold from tagged score sets (see the module docstring for modes).
+
+    Raises ConfigError for a bad option and DataError when the evidence cannot support
+    the mode (no normal scores; no NG scores for f1/cost/miss_rate).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not one of {MODES}")
+    op = operating_point or OperatingPoint()
+    ev = fusion.fuse(scoresets, prior_pseudo_count=prior_pseudo_count, normal_rule=normal_rule)
+    if ev.normal.size < normal.MIN_NORMAL:
+        raise DataError(
+            f"{ev.normal.size} normal scores (normal_loo/normal_holdout/real_ok); "
+            f"at least {normal.MIN_NORMAL} are needed"
+        )
+    notes: dict[str, float | int | str | None] = {
+        "n_real_ng": ev.n_real_ng,
+        "n_synthetic_ng": ev.n_synthetic,
+        "synthetic_weight": round(ev.synthetic_weight, 6),
+        "prior_pseudo_count": prior_pseudo_count,
+    }
+    for name, w in ev.components.items():
+        notes[f"weight:{name}"] = round(w, 6)
+    if mode != "target_fpr" and not ev.ng.scores:
+        raise DataError(
+            f"mode {mode!r} needs NG evidence (synthetic glass/diffusion or real_ng score "
+            "sets); none was given. Use mode 'target_fpr' or add NG score sets."
+        )
+    kw: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed}
+    if mode == "target_fpr":
+        # One threshold per normal group; the highest bounds every group's FPR at once.
+        per = [
+            normal.conformal_threshold(x, target_fpr=target_fpr, confidence=confidence, level=level)
+            for x in ev.normal_groups
+        ]
+        nt = max(per, key=lambda r: r.value)
+        value, method = nt.value, nt.method
+        notes["normal_groups"] = len(per)
+        notes["normal_group_n"] = nt.n
+        notes.update(
+            guaranteed=int(nt.guaranteed),
+            fpr_bound=nt.fpr_bound,
+            order_statistic_k=nt.k,
+            fpr_true_mean=nt.fpr_mean,
+            fpr_true_low=nt.fpr_low,
+            fpr_true_high=nt.fpr_high,
+        )
+    elif mode == "f1":
+        t = ng.f1_threshold(ev.normal_groups, ev.ng, prevalence=op.prevalence, **kw)
+        value, method = t.value, t.method
+        notes.update(
+            f1_estimate=t.objective, threshold_low=t.value_low, threshold_high=t.value_high
+        )
+    elif mode == "cost":
+        t = ng.cost_threshold(
+            ev.normal_groups, ev.ng, prevalence=op.prevalence, cost_ratio=op.cost_ratio, **kw
+        )
+        value, method = t.value, t.method
+        notes.update(
+            cost_estimate=t.objective, threshold_low=t.value_low, threshold_high=t.value_high
+        )
+    else:
+        sev = None
+        if required_severity is not None:
+            sev = fusion.weakest_required(scoresets, required_severity)
+            if sev is None:
+                raise DataError(f"no synthetic score set at severity >= {required_severity}")
+        sub = (
+            ev
+            if sev is None
+            else fusion.fuse(
+                scoresets,
+                prior_pseudo_count=prior_pseudo_count,
+                severities=[sev],
+                normal_rule=normal_rule,
+            )
+        )
+        t = ng.miss_rate_threshold(ev.normal_groups, sub.ng, miss_rate=miss_rate, **kw)
+        value, method = t.value, t.method
+        notes.update(
+            miss_rate_target=miss_rate,
+            severity=sev,
+            threshold_low=t.value_low,
+            threshold_high=t.value_high,
+        )
+    fpr, fnr = rate_intervals(ev, value, level=level)
+    return ThresholdFile(
+        value=float(value),
+        version=version,
+        mode=mode,
+        method=method,
+        target_fpr=target_fpr if mode == "target_fpr" else None,
+        confidence=confidence if mode == "target_fpr" else None,
+        operating_point=op,
+        expected_fpr=fpr,
+        expected_fnr=fnr,
+        evidence=dict(sorted(ev.counts.items())),
+        model_sha256=_model_sha(scoresets, model_sha256),
+        parent_version=parent_version,
+        created_at=now or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_by=created_by,
+        notes={k: _note(v) for k, v in notes.items()},
+    )

@@ -1,0 +1,143 @@
+"""``ngcal fit``: fit PatchCore on good images and write a model directory.
+
+``--data`` is an MVTec-AD category (``train/good`` is used) or a plain folder of good
+images. An unreadable training image stops the fit with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``ngcal fit``."""
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="category dir (MVTec layout) or folder of good images",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="model directory to write (replaced atomically)"
+    )
+    p.add_argument(
+        "--backbone",
+        default="tf_efficientnet_lite0",
+        choices=["tf_efficientnet_lite0", "wide_resnet50_2"],
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="local backbone checkpoint (.safetensors or torch state dict)",
+    )
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let timm download backbone weights (online only)",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=256, help="square input side in pixels (default 256)"
+    )
+    p.add_argument(
+        "--coreset-ratio",
+        type=float,
+        default=0.01,
+        help="memory bank rows / training patches (default 0.01)",
+    )
+    p.add_argument(
+        "--coreset-dim",
+        type=int,
+        default=32,
+        help="random projection dim for coreset selection (0: none)",
+    )
+    p.add_argument(
+        "--projection-dim",
+        type=int,
+        default=0,
+        help="project patch features to this dim (0: keep all)",
+    )
+    p.add_argument(
+        "--image-score", default="topk_mean", choices=["topk_mean", "reweighted_max", "max"]
+    )
+    p.add_argument("--topk", type=int, default=10, help="k of the topk_mean image score")
+    p.add_argument(
+        "--cv-folds",
+        type=int,
+        default=5,
+        help="cross-fitting folds for normal_holdout scores (0: off)",
+    )
+    p.add_argument(
+        "--fold-sample",
+        type=float,
+        default=0.25,
+        help="fraction of patches the fold coresets select from (1: all; default 0.25)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="fit on a seeded random subset of this many images",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit and print a one-line JSON summary."""
+    import torch
+    from ngcal.core.dataset import is_mvtec_category, list_images, load_category
+    from ngcal.core.errors import ConfigError
+    from ngcal.core.patchcore.fitting import FitConfig, fit
+
+    torch.set_num_threads(max(1, args.threads))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available")
+    root: Path = args.data
+    if is_mvtec_category(root):
+        samples = load_category(root).train
+        paths = [s.path for s in samples]
+        ids = [s.item_id for s in samples]
+    else:
+        paths = list_images(root)
+        ids = [p.relative_to(root).as_posix() for p in paths]
+    if args.max_images is not None and args.max_images < len(paths):
+        if args.max_images < 1:
+            raise ConfigError(f"--max-images {args.max_images}: must be >= 1")
+        keep = sorted(random.Random(args.seed).sample(range(len(paths)), args.max_images))
+        paths = [paths[i] for i in keep]
+        ids = [ids[i] for i in keep]
+    cfg = FitConfig(
+        backbone=args.backbone,
+        weights=args.weights,
+        allow_download=args.allow_download,
+        image_size=args.image_size,
+        coreset_ratio=args.coreset_ratio,
+        coreset_proj_dim=args.coreset_dim or None,
+        projection_dim=args.projection_dim or None,
+        image_score=args.image_score,
+        topk=args.topk,
+        cv_folds=args.cv_folds,
+        fold_sample=args.fold_sample,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    result = fit(paths, args.out, cfg, ids)
+    spec = result.manifest.patchcore
+    print(
+        json.dumps(
+            {
+                "model": str(result.root),
+                "train_images": spec.num_train_images,
+                "memory_bank": [spec.coreset_size, spec.feature_dim],
+                "image_score": spec.image_score,
+                **{k: round(v, 2) for k, v in result.timings.items()},
+            }
+        )
+    )
+    return 0

@@ -1,0 +1,75 @@
+"""``ngcal serve``: run the edge daemon, or check its config file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="daemon YAML config (see configs/)")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config, print file:line: key: message per error, exit non-zero on any",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ngcal.daemon.config import ConfigInvalid, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigInvalid as e:
+        for issue in e.issues:
+            print(str(issue), file=sys.stderr)
+        print(f"{args.config}: {len(e.issues)} error(s)", file=sys.stderr)
+        return 2
+    if args.check_config:
+        from ngcal.core.bundle import open_bundle
+        from ngcal.core.errors import NgcalError
+
+        problems = []
+        try:
+            bundle = open_bundle(cfg.bundle)  # verifies every hash
+            if bundle.thresholds is None:
+                print(
+                    f"{args.config}: note: bundle has no thresholds.json; the state "
+                    "database must hold one",
+                    file=sys.stderr,
+                )
+        except NgcalError as e:
+            problems.append(f"{args.config}: bundle: {e}")
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            return 2
+        print(f"{args.config}: OK ({len(cfg.cameras)} camera(s), device {cfg.device_id})")
+        return 0
+
+    from ngcal.daemon.service import Daemon
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: thread stacks
+    daemon = Daemon(cfg)
+    try:
+        daemon.start()
+    except BaseException:
+        stop.set()
+        raise
+    try:
+        daemon.run_until(stop)
+    finally:
+        daemon.shutdown()
+    return 0

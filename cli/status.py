@@ -1,0 +1,78 @@
+"""``ngcal status``: the daemon's state from its state database (works while it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", required=True, help="the daemon's state_dir")
+    parser.add_argument("--last", type=int, default=10, help="how many recent verdicts to show")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ngcal.core.errors import ArtifactError
+    from ngcal.daemon.store import DB_NAME, Store
+
+    if not (Path(args.state_dir) / DB_NAME).is_file():
+        raise ArtifactError(f"{args.state_dir}: no {DB_NAME} (not a daemon state dir?)")
+    store = Store(args.state_dir)
+    try:
+        state = store.get_meta("policy_state") or {}
+        cur = next(
+            (
+                t
+                for t in state.get("history", [])
+                if t.get("version") == state.get("current_version")
+            ),
+            None,
+        )
+        report = {
+            "service": store.get_meta("service"),
+            "threshold": None
+            if cur is None
+            else {"value": cur["value"], "version": cur["version"], "mode": cur.get("mode")},
+            "outbox": store.outbox_stats(),
+            "verdicts": store.verdict_counts(),
+            "alarms": store.active_alarms(),
+            "last_verdicts": [
+                {
+                    k: v[k]
+                    for k in (
+                        "decided_at",
+                        "camera",
+                        "path",
+                        "verdict",
+                        "score",
+                        "reason",
+                        "msg_id",
+                    )
+                }
+                for v in store.last_verdicts(args.last)
+            ],
+        }
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    t = report["threshold"]
+    ob = report["outbox"]
+    print(f"state dir: {args.state_dir}")
+    if t is not None:
+        print(f"threshold: v{t['version']} {t['value']:.6g} ({t['mode']})")
+    print(
+        f"outbox: {ob['backlog']} unsent ({ob['refused']} refused by the broker), "
+        f"oldest {ob['oldest_age_s']} s"
+    )
+    print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(report["verdicts"].items())))
+    print(f"alarms: {len(report['alarms'])}")
+    for a in report["alarms"]:
+        print(f"  {a['kind']}: {a['detail']} (x{a['count']})")
+    for v in report["last_verdicts"]:
+        print(f"  {v['camera']}/{v['path']}: {v['verdict']} score={v['score']} {v['reason'] or ''}")
+    return 0

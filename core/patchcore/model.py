@@ -1,0 +1,183 @@
+"""PatchCore as one export-ready ``nn.Module`` (Roth et al., "Towards Total Recall in
+Industrial Anomaly Detection", CVPR 2022).
+
+``embed``: backbone feature maps at two strides, each averaged over its 3x3 neighbourhood
+(the paper's locally aware patch features, eq. 2), the coarser map bilinearly upsampled to
+the finer grid, concatenated along channels and optionally multiplied by a fixed random
+projection. ``head``: exact nearest-neighbour distance of every patch to the memory bank
+(chunked matmul, see ``nn_search``), an image score and an anomaly map bilinearly
+upsampled to the input size and smoothed by a fixed Gaussian (sigma 4 px).
+
+Image score rules (``IMAGE_SCORE_RULES``):
+* ``reweighted_max``: the paper's eq. 7: the largest patch distance s*, scaled by
+  ``1 - softmax(-||m_test - n||)`` over the b bank neighbours n of its nearest bank row m*
+  (m* first), i.e. less weight where the bank is dense around m*.
+* ``topk_mean``: mean of the k largest patch distances.
+* ``max``: the largest patch distance.
+Everything in ``forward`` is static given the bank: no data-dependent Python branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn_search import DEFAULT_CHUNK, knn_bank, nearest, squared_norms
+
+IMAGE_SCORE_RULES = ("reweighted_max", "topk_mean", "max")
+
+
+class PatchEmbedder(nn.Module):
+    """Backbone + local aggregation + concatenation (+ projection): [N,3,S,S] -> [N,h,w,D]."""
+
+    projection: torch.Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        neighbourhood: int = 3,
+        projection: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.to(memory_format=torch.channels_last)
+        self.neighbourhood = int(neighbourhood)
+        self.has_projection = projection is not None
+        self.register_buffer(
+            "projection", projection.float() if projection is not None else torch.zeros(0, 0)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features of a batch: float32 [N, h, w, D], (h, w) = finest grid."""
+        if not torch.onnx.is_in_onnx_export():
+            x = x.contiguous(memory_format=torch.channels_last)  # ~1.7x faster on CPU
+        maps = self.backbone(x)
+        k = self.neighbourhood
+        pooled = [
+            F.avg_pool2d(m, kernel_size=k, stride=1, padding=k // 2, count_include_pad=True)
+            if k > 1
+            else m
+            for m in maps
+        ]
+        size = pooled[0].shape[-2:]
+        ups = [pooled[0]] + [
+            F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pooled[1:]
+        ]
+        feats = torch.cat(ups, dim=1).permute(0, 2, 3, 1)
+        if self.has_projection:
+            feats = feats @ self.projection
+        return feats
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, size 2 * round(4 sigma) + 1 (as scipy/anomalib truncate at 4)."""
+    radius = max(int(4.0 * sigma + 0.5), 1)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def reweight(s_star: torch.Tensor, m_test: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 7: ``s = (1 - softmax(||m_test - n_j||)_0) * s*``.
+
+    s_star [N]; m_test [N, D] the most anomalous patch; neighbours [N, b, D], its nearest
+    bank row m* first, then m*'s other b - 1 nearest bank rows.
+    """
+    d = torch.sqrt(((neighbours - m_test[:, None, :]) ** 2).sum(-1).clamp_min(0.0))
+    w = 1.0 - torch.softmax(d, dim=1)[:, 0]
+    return w * s_star
+
+
+class PatchCore(nn.Module):
+    """PatchCore detector: ``forward(x [N,3,S,S]) -> (anomaly_map [N,S,S], image_score [N])``."""
+
+    memory_bank: torch.Tensor
+    bank_sq: torch.Tensor
+    bank_neighbors: torch.Tensor
+    gauss: torch.Tensor
+
+    def __init__(
+        self,
+        embedder: PatchEmbedder,
+        memory_bank: torch.Tensor,
+        *,
+        image_size: int,
+        image_score: str = "topk_mean",
+        topk: int = 10,
+        reweight_neighbors: int = 9,
+        smoothing_sigma: float = 4.0,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__()
+        if image_score not in IMAGE_SCORE_RULES:
+            raise ValueError(f"image_score {image_score!r} not in {IMAGE_SCORE_RULES}")
+        self.embedder = embedder
+        self.image_size = int(image_size)
+        self.image_score = image_score
+        self.topk = int(topk)
+        self.reweight_neighbors = int(reweight_neighbors)
+        self.smoothing_sigma = float(smoothing_sigma)
+        self.chunk = int(chunk)
+        bank = memory_bank.float().contiguous()
+        self.register_buffer("memory_bank", bank)
+        self.register_buffer("bank_sq", squared_norms(bank))
+        self.register_buffer("bank_neighbors", knn_bank(bank, self.reweight_neighbors))
+        self.register_buffer(
+            "gauss", gaussian_kernel1d(smoothing_sigma) if smoothing_sigma > 0 else torch.ones(1)
+        )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Locally aware, projected patch features: [N,3,S,S] -> [N,h,w,D]."""
+        feats: torch.Tensor = self.embedder(x)
+        return feats
+
+    def patch_scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-bank distance [N, h*w] and bank index [N, h*w] of every patch."""
+        n, h, w, d = feats.shape
+        dist, idx = nearest(feats.reshape(-1, d), self.memory_bank, self.bank_sq, chunk=self.chunk)
+        return dist.reshape(n, h * w), idx.reshape(n, h * w)
+
+    def image_scores(
+        self, feats: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Image score [N] from patch distances [N, P] by ``self.image_score``."""
+        if self.image_score == "topk_mean":
+            k = min(self.topk, dist.shape[1])
+            return dist.topk(k, dim=1).values.mean(dim=1)
+        s_star, p_star = dist.max(dim=1)
+        if self.image_score == "max":
+            return s_star
+        n, h, w, d = feats.shape
+        flat = feats.reshape(n, h * w, d)
+        m_test = torch.gather(flat, 1, p_star[:, None, None].expand(n, 1, d))[:, 0]
+        m_star = torch.gather(idx, 1, p_star[:, None])[:, 0]
+        nb = self.bank_neighbors.index_select(0, m_star)
+        rows = self.memory_bank.index_select(0, nb.reshape(-1)).reshape(n, nb.shape[1], d)
+        return reweight(s_star, m_test, rows)
+
+    def anomaly_map(self, dist: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch distances [N, h*w] -> smoothed map [N, S, S] at the input resolution."""
+        n = dist.shape[0]
+        m = dist.reshape(n, 1, grid[0], grid[1])
+        m = F.interpolate(
+            m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        if self.smoothing_sigma > 0:
+            k = self.gauss.numel()
+            r = k // 2
+            m = F.pad(m, (r, r, r, r), mode="reflect")
+            m = F.conv2d(m, self.gauss.reshape(1, 1, 1, k))
+            m = F.conv2d(m, self.gauss.reshape(1, 1, k, 1))
+        return m[:, 0]
+
+    def head(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly_map [N, S, S], image_score [N]) from patch features [N, h, w, D]."""
+        dist, idx = self.patch_scores(feats)
+        score = self.image_scores(feats, dist, idx)
+        amap = self.anomaly_map(dist, (feats.shape[1], feats.shape[2]))
+        return amap, score
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``head(embed(x))``: x float32 [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
+        return self.head(self.embed(x))

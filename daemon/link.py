@@ -1,0 +1,181 @@
+"""The one long-lived MQTT client (paho-mqtt 2, callback API v2, MQTT v5).
+
+paho runs its own network thread (``loop_start``) and its own reconnect with back-off.
+The callbacks here do nothing but put tuples on two queues: ``events`` (connection
+changes and PUBACKs, consumed by the relay) and ``inbox`` (commands, consumed by the
+command handler). They never take a lock that ``publish()`` callers hold.
+
+Session: a stable client id, ``clean_start=False`` and a session-expiry interval, so the
+broker keeps the command subscription and queues QoS 1 commands while the daemon is
+away; commands are acknowledged manually (``manual_ack=True`` and ``client.ack``) only
+after the handler committed them. The will message sets availability ``offline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ngcal.core.errors import BackendError
+
+from .config import MqttConfig
+from .messages import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One inbound command PUBLISH; ``mid``/``qos`` are needed to acknowledge it."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    retain: bool
+    response_topic: str | None
+    correlation: bytes | None
+
+
+#: event tuples: ("connected", session_present, broker_receive_maximum | None) |
+#: ("connect_failed", reason) | ("disconnected", reason) |
+#: ("puback", mid, reason_code_value, reason_name)
+Event = tuple[Any, ...]
+
+
+class MqttLink:
+    """Owns the paho client; exposes publish/ack and the two callback queues."""
+
+    def __init__(
+        self, cfg: MqttConfig, topics: Topics, *, client_id: str, reconnect_max_s: int = 30
+    ) -> None:
+        self.cfg = cfg
+        self.topics = topics
+        self.client_id = client_id
+        self.reconnect_max_s = reconnect_max_s
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.connected = threading.Event()
+        self._client: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Create the client, set the will, connect asynchronously and start paho's loop."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        c.max_inflight_messages_set(self.cfg.max_inflight)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=self.reconnect_max_s)
+        c.will_set(self.topics.availability, b"offline", qos=1, retain=True)
+        if self.cfg.username is not None:
+            c.username_pw_set(self.cfg.username, self.cfg.password())
+        if self.cfg.tls is not None:
+            t = self.cfg.tls
+            c.tls_set(
+                ca_certs=None if t.ca_file is None else str(t.ca_file),
+                certfile=None if t.cert_file is None else str(t.cert_file),
+                keyfile=None if t.key_file is None else str(t.key_file),
+            )
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        c.on_pre_connect = self._on_pre_connect
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        self._client = c
+        try:
+            c.connect_async(
+                self.cfg.host,
+                self.cfg.port,
+                keepalive=self.cfg.keepalive,
+                clean_start=False,
+                properties=props,
+            )
+        except (OSError, ValueError) as e:
+            raise BackendError(f"mqtt {self.cfg.host}:{self.cfg.port}: cannot connect ({e})") from e
+        c.loop_start()
+
+    def stop(self, *, offline_timeout: float = 5.0) -> None:
+        """Publish availability ``offline`` (when connected), disconnect, stop the loop."""
+        c = self._client
+        if c is None:
+            return
+        if self.connected.is_set():
+            info = c.publish(self.topics.availability, b"offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=offline_timeout)
+            except (RuntimeError, ValueError) as e:
+                log.warning("could not publish offline: %s", e)
+        c.disconnect()
+        c.loop_stop()
+        self._client = None
+
+    # ------------------------------------------------------------------ calls from workers
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> tuple[int, int]:
+        """Queue a QoS 1 publish; returns (mid, paho rc). paho resends it after a reconnect."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        return int(info.mid), int(info.rc)
+
+    def subscribe_commands(self) -> None:
+        """Subscribe to ``<p>/<device>/cmd/{confirm,recalibrate,rollback}`` at QoS 1."""
+        self._client.subscribe([(t, 1) for t in self.topics.commands])
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge an inbound PUBLISH (after its command was committed)."""
+        if self._client is not None and qos > 0:
+            self._client.ack(mid, qos)
+
+    # ------------------------------------------------------------------ paho callbacks
+    def _on_pre_connect(self, client: Any, userdata: Any) -> None:
+        if self.cfg.username is not None:  # secrets are read at use, on every (re)connect
+            try:
+                client.username_pw_set(self.cfg.username, self.cfg.password())
+            except Exception as e:  # noqa: BLE001 - reported, paho retries
+                self.events.put(("connect_failed", f"password: {e}"))
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self.connected.clear()
+            self.events.put(("connect_failed", str(rc)))
+        else:
+            self.connected.set()
+            receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+            self.events.put(("connected", bool(flags.session_present), receive_max))
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self.events.put(("connect_failed", "no connection"))
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.connected.clear()
+        self.events.put(("disconnected", str(rc)))
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        self.events.put(("puback", mid, int(rc.value), str(rc)))
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        props = getattr(msg, "properties", None)
+        self.inbox.put(
+            Inbound(
+                topic=msg.topic,
+                payload=bytes(msg.payload),
+                mid=int(msg.mid),
+                qos=int(msg.qos),
+                retain=bool(msg.retain),
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation=getattr(props, "CorrelationData", None),
+            )
+        )

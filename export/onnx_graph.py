@@ -1,0 +1,210 @@
+"""The exported graph: a fitted PatchCore as one ONNX model, image tensor in, map and score out.
+
+``ExportPatchCore`` wraps ``ngcal.core.patchcore.model.PatchCore`` and computes the same
+function with operators that run faster in onnxruntime (the parity check bounds the
+difference; see ``export.parity``):
+
+* Embedding and the image-score rule are the wrapped module's own code.
+* Nearest neighbour: squared distances as ONE Gemm per bank chunk with the bank's squared
+  norms as its bias and ``-2 * bank^T`` as a constant, ``min`` over the bank, and the
+  query's squared norm added AFTER the min (it is constant along the bank axis), so the
+  [P, M] distance block is written once and read once. ArgMin is only computed when the
+  score rule needs the nearest row (``reweighted_max``).
+* Anomaly map: bilinear upsampling, reflect padding and the separable Gaussian are all
+  linear and separable, so ``map = A_y @ D @ A_x^T`` with two constant matrices [S, h] and
+  [S, w] measured from the wrapped module itself (``map_operators``) and checked on random
+  inputs at export; two small matmuls replace an upsample and two 33-tap convolutions over
+  S x S. Where the check fails (a future map that is not linear), the module's own map is
+  exported instead.
+
+Why the memory bank is inside the graph (measured, ``benchmarks/latency.py``): the search
+is a dense GEMM that runs within ~1.1-1.5x of this CPU's matmul FLOP bound in
+onnxruntime; a faiss IndexFlatL2 beside the graph runs the same GEMM (BLAS) and adds a
+second runtime, a graph split and a copy of the features, and approximate indexes (IVF,
+HNSW) change the scores the thresholds were calibrated on. One file is also one hash.
+
+Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` at opset 17. The
+dynamo exporter (torch 2.14) only emits opset >= 18 (its down-conversion to 17 fails on
+Reduce* axes) and takes ~50x longer; its graph is cleaner, but the shape arithmetic the
+legacy exporter leaves is constant-folded by onnxruntime and TensorRT, so run time is the
+same. ``exporter="dynamo"`` is available (opset 18) and recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from ngcal.core.errors import ArtifactError
+from ngcal.core.patchcore.model import PatchCore
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "image_score")
+#: Bank rows per Gemm in the exported search; measured best of 1024..M on 1 thread.
+EXPORT_CHUNK = 2048
+Exporter = Literal["legacy", "dynamo"]
+
+
+def feature_grid(pc: PatchCore) -> tuple[int, int]:
+    """Patch grid (h, w) the embedder produces at the model's input size."""
+    s = pc.image_size
+    with torch.inference_mode():
+        feats = pc.embed(torch.zeros(1, 3, s, s))
+    return int(feats.shape[1]), int(feats.shape[2])
+
+
+def map_operators(pc: PatchCore, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Separable operators (A_y [S, h], A_x [S, w]) with ``anomaly_map(D) = A_y D A_x^T``.
+
+    Measured by pushing row and column indicator maps through ``pc.anomaly_map``; returns
+    None when the reconstruction of random maps misses by more than 1e-5 (relative).
+    """
+    h, w = grid
+    with torch.inference_mode():
+        rows = torch.eye(h)[:, :, None].expand(h, h, w).reshape(h, h * w)
+        cols = torch.eye(w)[:, None, :].expand(w, h, w).reshape(w, h * w)
+        a_y = pc.anomaly_map(rows.contiguous(), grid).mean(dim=2).t().contiguous()
+        a_x = pc.anomaly_map(cols.contiguous(), grid).mean(dim=1).t().contiguous()
+        test = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 4.0
+        ref = pc.anomaly_map(test.reshape(3, h * w), grid)
+        approx = a_y @ test @ a_x.t()
+        err = float((approx - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if err > 1e-5:
+        log.warning("anomaly map is not separable-linear (rel err %.2e); exporting it as is", err)
+        return None
+    return a_y, a_x
+
+
+class ExportPatchCore(nn.Module):
+    """Export view of a PatchCore: image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
+
+    bank_t_neg2: torch.Tensor
+    bank_sq: torch.Tensor
+    map_rows: torch.Tensor
+    map_cols_t: torch.Tensor
+
+    def __init__(self, pc: PatchCore, *, chunk: int = EXPORT_CHUNK, fast_map: bool = True) -> None:
+        super().__init__()
+        self.pc = pc
+        self.grid = feature_grid(pc)
+        bank = pc.memory_bank.float()
+        self.chunk = int(chunk)
+        self.bank_rows = int(bank.shape[0])
+        self.need_index = pc.image_score == "reweighted_max"
+        self.register_buffer("bank_t_neg2", (-2.0 * bank).t().contiguous())
+        self.register_buffer("bank_sq", (bank * bank).sum(dim=1).contiguous())
+        ops = map_operators(pc, self.grid) if fast_map else None
+        self.fast_map = ops is not None
+        a_y, a_x = ops if ops is not None else (torch.zeros(0, 0), torch.zeros(0, 0))
+        self.register_buffer("map_rows", a_y)
+        self.register_buffer("map_cols_t", a_x.t().contiguous())
+
+    def nearest(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q [P, D] -> (distance [P], nearest bank row [P] or None when not needed)."""
+        m = self.bank_rows
+        mins: list[torch.Tensor] = []
+        args: list[torch.Tensor] = []
+        for start in range(0, m, self.chunk):
+            stop = min(start + self.chunk, m)
+            d2 = torch.addmm(self.bank_sq[start:stop], q, self.bank_t_neg2[:, start:stop])
+            if self.need_index:
+                v, i = d2.min(dim=1)
+                args.append(i + start)
+            else:
+                v = d2.amin(dim=1)
+            mins.append(v)
+        if len(mins) == 1:
+            best, idx = mins[0], (args[0] if args else None)
+        elif self.need_index:
+            best, which = torch.stack(mins, dim=1).min(dim=1)
+            idx = torch.gather(torch.stack(args, dim=1), 1, which[:, None])[:, 0]
+        else:
+            best, idx = torch.stack(mins, dim=1).amin(dim=1), None
+        best = best + (q * q).sum(dim=1)
+        return best.clamp_min(0.0).sqrt(), idx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
+        feats = self.pc.embed(x)
+        n, h, w, d = feats.shape
+        dist, idx = self.nearest(feats.reshape(n * h * w, d))
+        dist = dist.reshape(n, h * w)
+        idx_b = (
+            idx.reshape(n, h * w) if idx is not None else torch.zeros_like(dist, dtype=torch.long)
+        )
+        score = self.pc.image_scores(feats, dist, idx_b)
+        if self.fast_map:
+            amap = torch.matmul(torch.matmul(self.map_rows, dist.reshape(n, h, w)), self.map_cols_t)
+        else:
+            amap = self.pc.anomaly_map(dist, (h, w))
+        return amap, score
+
+
+def export_onnx(
+    pc: PatchCore,
+    out: str | Path,
+    *,
+    exporter: Exporter = "legacy",
+    opset: int = 17,
+    fast_map: bool = True,
+) -> tuple[ExportPatchCore, int]:
+    """Write ``pc`` as ONNX to ``out`` (input ``image`` with dynamic batch); returns the
+    export module and the opset actually written.
+    """
+    import onnx
+
+    module = ExportPatchCore(pc, fast_map=fast_map).eval()
+    s = pc.image_size
+    example = torch.zeros(2, 3, s, s)
+    out = Path(out)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter announces its deprecation; we chose it knowingly (above)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # tracer notes on Python ints taken from constant shapes (bank size, top-k)
+        warnings.filterwarnings("ignore", category=getattr(torch.jit, "TracerWarning", Warning))
+        try:
+            if exporter == "legacy":
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(out),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    opset_version=opset,
+                    dynamic_axes={
+                        INPUT_NAME: {0: "N"},
+                        "anomaly_map": {0: "N"},
+                        "image_score": {0: "N"},
+                    },
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            else:
+                batch = torch.export.Dim("N", min=1, max=256)
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(out),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    opset_version=max(opset, 18),
+                    dynamic_shapes={"x": {0: batch}},
+                    dynamo=True,
+                    verbose=False,
+                )
+        except Exception as e:
+            raise ArtifactError(f"{out}: ONNX export failed ({type(e).__name__}: {e})") from e
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    written = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    if names_in != [INPUT_NAME] or names_out != list(OUTPUT_NAMES):
+        raise ArtifactError(f"{out}: exported I/O {names_in} -> {names_out}, expected the contract")
+    return module, int(written)

@@ -1,0 +1,86 @@
+"""``ngcal calibrate`` end to end on a model directory with score-set files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from ngcal.cli.main import main
+from ngcal.core.files import sha256_file
+from ngcal.core.manifest import (
+    BackboneSpec,
+    ModelManifest,
+    PatchCoreSpec,
+    Preprocessing,
+    write_manifest,
+)
+from ngcal.core.scoresets import ScoreSet, save_scoreset
+from ngcal.core.thresholds import load_thresholds
+
+
+def _model_dir(root: Path, sets: list[ScoreSet]) -> Path:
+    (root / "scores").mkdir(parents=True)
+    for s in sets:
+        save_scoreset(root / "scores" / f"{s.source}_{s.severity}.json", s)
+    m = ModelManifest(
+        backbone=BackboneSpec(name="toy", layers=(1,), weights="none", weights_sha256="0" * 64),
+        preprocessing=Preprocessing(image_size=64),
+        patchcore=PatchCoreSpec(
+            feature_dim=4,
+            raw_feature_dim=4,
+            feature_map_size=(8, 8),
+            coreset_ratio=0.1,
+            coreset_size=10,
+            num_train_images=10,
+            image_score="max",
+        ),
+    )
+    write_manifest(root, m)
+    return root
+
+
+def test_calibrate_writes_thresholds_and_report(
+    tmp_path: Path, simulated: Callable[..., list[ScoreSet]]
+) -> None:
+    """Model scores + --real-ng folder -> thresholds.json naming the model's manifest sha256."""
+    sets = simulated(n_real=3)
+    model = _model_dir(tmp_path / "model", [s for s in sets if s.source != "real_ng"])
+    real = tmp_path / "real"
+    real.mkdir()
+    save_scoreset(real / "real.json", next(s for s in sets if s.source == "real_ng"))
+    out, rep = tmp_path / "thresholds.json", tmp_path / "report.html"
+    rc = main(
+        [
+            "calibrate",
+            "--model",
+            str(model),
+            "--real-ng",
+            str(real),
+            "--mode",
+            "cost",
+            "--cost-ratio",
+            "100",
+            "--out",
+            str(out),
+            "--report",
+            str(rep),
+        ]
+    )
+    assert rc == 0
+    t = load_thresholds(out)
+    assert t.model_sha256 == sha256_file(model / "manifest.json")
+    assert t.evidence["real_ng"] == 3 and t.mode == "cost"
+    assert t.operating_point is not None and t.operating_point.cost_ratio == 100
+    assert rep.read_text().count("data:image/png") == 4
+
+
+def test_calibrate_rejects_bad_prevalence(
+    tmp_path: Path, simulated: Callable[..., list[ScoreSet]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An invalid --prevalence exits 2 with a message naming the option."""
+    model = _model_dir(tmp_path / "model", simulated())
+    rc = main(
+        ["calibrate", "--model", str(model), "--prevalence", "2", "--out", str(tmp_path / "t.json")]
+    )
+    assert rc == 2 and "--prevalence" in capsys.readouterr().err
