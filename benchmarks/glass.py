@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     severities = tuple(float(x) for x in args.severities.split(","))
     real = real_scores(args.model, args.data, args.out)
-    labels = np.asarray(real["labels"])  # type: ignore[arg-type]
-    defects = np.asarray(real["defects"])  # type: ignore[arg-type]
-    scores = np.asarray(real["scores"], dtype=np.float64)  # type: ignore[arg-type]
+    labels = np.asarray(real["labels"])
+    defects = np.asarray(real["defects"])
+    scores = np.asarray(real["scores"], dtype=np.float64)
     ng = scores[labels == 1]
     types = sorted(set(defects[labels == 1].tolist()))
     loo = load_scoreset(args.model / "scores" / "normal_loo.json").scores
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     las = describe(result.image_set.scores)
     fracs = [c["frac_above_p99"] for c in curve]
     medians = [c["median"] for c in curve]
-    best = min(curve, key=lambda c: c["ks_real"])  # type: ignore[arg-type, return-value]
+    best = min(curve, key=lambda c: c["ks_real"])
     windows = []
     sets = [x.scores for x in result.feature_sets]
     for i in range(len(sets)):
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "las_wasserstein_real": las["wasserstein_real"],
         "las_median": las["median"],
         "las_per_defect": las["per_defect"],
-        "some_severity_beats_las_ks": int(best["ks_real"] < las["ks_real"]),  # type: ignore[operator]
+        "some_severity_beats_las_ks": int(best["ks_real"] < las["ks_real"]),
         "generate_seconds": gen_seconds,
         "test_scoring_seconds": real["seconds"],
     }

@@ -159,7 +159,7 @@ def _rel(path: Path) -> str:
 
 
 def _set(source: str, x: np.ndarray, ids: list[str]) -> ScoreSet:
-    return ScoreSet(source=source, scores=x, item_ids=tuple(ids))  # type: ignore[arg-type]
+    return ScoreSet(source=source, scores=x, item_ids=tuple(ids))
 
 
 def evaluate(labels: np.ndarray, scores: np.ndarray, t: float) -> dict[str, float]:

@@ -121,6 +121,13 @@ def _read_thresholds(root: Path, manifest: BundleManifest) -> ThresholdFile | No
     if not path.is_file():
         return None
     t = load_thresholds(path)
+    fraction = manifest.extra.get("bank_fraction", "1")
+    if float(fraction) < 1.0:
+        raise ArtifactError(
+            f"{path}: this bundle keeps only a fraction {fraction} of its model's memory bank, "
+            "so thresholds calibrated on the full model do not apply; fit with the smaller "
+            "--coreset-ratio and calibrate that model instead"
+        )
     if t.model_sha256 and t.model_sha256 != manifest.model_sha256:
         raise ArtifactError(
             f"{path}: thresholds belong to model {t.model_sha256[:12]}..., "

@@ -90,3 +90,17 @@ def test_bad_fraction_and_thresholds_are_refused(tiny_model: Path, tmp_path: Pat
     with pytest.raises(ConfigError, match="--thresholds with --bank-fraction"):
         export_bundle(tiny_model, tmp_path / "b", bank_fraction=0.5, thresholds=t)
     assert not (tmp_path / "b").exists()
+
+
+def test_copied_thresholds_refused_on_reduced_bundle(half_bundle: Path, tmp_path: Path) -> None:
+    """A thresholds.json copied into a reduced-bank bundle is refused at open, naming the file."""
+    import shutil
+
+    from ngcal.core.errors import ArtifactError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(half_bundle, bundle)
+    open_bundle(bundle)  # loads without thresholds
+    save_thresholds(bundle / "thresholds.json", ThresholdFile(value=1.0, mode="fixed", method="x"))
+    with pytest.raises(ArtifactError, match="thresholds.json.*fraction"):
+        open_bundle(bundle)
