@@ -283,20 +283,6 @@ def recalibrate(
     reason = "clamped to max_step" if clamped else "applied"
     if config.dry_run:
         reason = f"dry run ({reason} if applied)"
-        audit = _audit(
-            action="recalibrate",
-            actor=actor,
-            now=now,
-            old=old,
-            new=new,
-            proposed=proposed,
-            applied=False,
-            reason=reason,
-            dry_run=True,
-            evidence=counts,
-        )
-        return Decision(False, reason, old, proposed, state, audit)
-    new_state = PolicyState(current=new, history=(*state.history, new))
     audit = _audit(
         action="recalibrate",
         actor=actor,
@@ -304,11 +290,14 @@ def recalibrate(
         old=old,
         new=new,
         proposed=proposed,
-        applied=True,
+        applied=not config.dry_run,
         reason=reason,
-        dry_run=False,
+        dry_run=config.dry_run,
         evidence=counts,
     )
+    if config.dry_run:
+        return Decision(False, reason, old, proposed, state, audit)
+    new_state = PolicyState(current=new, history=(*state.history, new))
     return Decision(True, reason, old, proposed, new_state, audit)
 
 
