@@ -308,7 +308,12 @@ def train_discriminator(
     q = 0 if las_feats is None else las_feats.shape[0]
     from tqdm import tqdm
 
-    bar = tqdm(total=train.epochs * per_epoch, desc="GLASS discriminator", disable=not progress)
+    bar = tqdm(
+        total=train.epochs * per_epoch,
+        desc="GLASS discriminator",
+        disable=not progress,
+        mininterval=1.0,
+    )
     for _ in range(train.epochs):
         order = torch.randperm(n, generator=generator).to(normal.device)
         for b in range(per_epoch):

@@ -142,7 +142,7 @@ def _embed(
     from tqdm import tqdm
 
     out = []
-    for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress):
+    for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, mininterval=1.0):
         x = torch.from_numpy(np.stack([normalize(im, spec) for im in images[i : i + batch]]))
         out.append(module.embed(x.to(device)))  # type: ignore[operator]
     return torch.cat(out)
@@ -249,7 +249,7 @@ def _las_step(run: _Run) -> tuple[list[LasSample], np.ndarray, torch.Tensor, tor
     opts, n_held = run.options, len(run.held_rgb)
     textures = TextureBank(size=run.size, own_images=run.pool_rgb, folder=opts.textures)
     las: list[LasSample] = []
-    for j in tqdm(range(opts.count), desc="LAS images", disable=not run.progress):
+    for j in tqdm(range(opts.count), desc="LAS images", disable=not run.progress, mininterval=1.0):
         base = run.held_rgb[j % n_held]
         fg = otsu_foreground(base[..., 0]) if opts.foreground else None
         las.append(synthesize(base, textures, run.grid, run.rng, foreground=fg, beta=opts.beta))
@@ -305,7 +305,9 @@ def _gas_step(
     for s, band in zip(opts.severities, bands, strict=True):
         scores = np.zeros(opts.count)
         groups = _groups(list(range(opts.count)), opts.group_size)
-        for grp in tqdm(groups, desc=f"GAS severity {s:g}", disable=not run.progress):
+        for grp in tqdm(
+            groups, desc=f"GAS severity {s:g}", disable=not run.progress, mininterval=1.0
+        ):
             f = torch.stack([run.feats_held[j % len(run.held_rgb)] for j in grp])
             cells = torch.from_numpy(np.stack([masks[j].cells for j in grp])).to(run.device)
             f = implant(f, cells, disc, band, centre_map, config=opts.gas, generator=run.tgen)
