@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BackendError, DataError
 from .manifest import Preprocessing
-from .scorer import ScoreResult
+from .scorer import ScoreResult, score_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +212,7 @@ class OrtScorer:
     def score(self, batch: np.ndarray) -> ScoreResult:
         """Score float32 [N, 3, S, S] -> image scores [N] and anomaly maps [N, S, S]."""
         batch = check_batch(batch, self._pre.image_size)
-        if batch.shape[0] <= self._max_batch:
-            return self._run(batch)
-        parts = [
-            self._run(batch[i : i + self._max_batch]) for i in range(0, len(batch), self._max_batch)
-        ]
-        maps = [p.anomaly_maps for p in parts if p.anomaly_maps is not None]
-        return ScoreResult(
-            image_scores=np.concatenate([p.image_scores for p in parts]),
-            anomaly_maps=np.concatenate(maps) if len(maps) == len(parts) else None,
-        )
+        return score_in_chunks(batch, self._max_batch, self._run)
 
     def close(self) -> None:
         """Drop the session (onnxruntime frees it with the last reference)."""

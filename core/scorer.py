@@ -8,6 +8,7 @@ lazily; the daemon and benchmarks depend only on this protocol.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -50,3 +51,20 @@ class Scorer(Protocol):
     def close(self) -> None:
         """Release the runtime's resources."""
         ...
+
+
+def score_in_chunks(
+    batch: np.ndarray, max_batch: int, run: Callable[[np.ndarray], ScoreResult]
+) -> ScoreResult:
+    """Score ``batch`` [N, ...] with ``run`` in slices of at most ``max_batch`` and join them.
+
+    Anomaly maps are joined when every slice has them, else the result has none.
+    """
+    if len(batch) <= max_batch:
+        return run(batch)
+    parts = [run(batch[i : i + max_batch]) for i in range(0, len(batch), max_batch)]
+    maps = [p.anomaly_maps for p in parts if p.anomaly_maps is not None]
+    return ScoreResult(
+        image_scores=np.concatenate([p.image_scores for p in parts]),
+        anomaly_maps=np.concatenate(maps) if len(maps) == len(parts) else None,
+    )

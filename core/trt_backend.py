@@ -36,7 +36,7 @@ from .errors import BackendError, NgcalError
 from .files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .manifest import Preprocessing
 from .ort_backend import INPUT_NAME, OUTPUT_NAMES, check_batch
-from .scorer import ScoreResult
+from .scorer import ScoreResult, score_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -240,15 +240,17 @@ class TrtScorer:
     def score(self, batch: np.ndarray) -> ScoreResult:
         """Score float32 [N,3,S,S]; batches above ``max_batch`` are split."""
         batch = check_batch(batch, self._pre.image_size)
-        scores, maps = [], []
-        for i in range(0, len(batch), self._max_batch):
-            out = self._runner.run(batch[i : i + self._max_batch])
-            missing = [n for n in OUTPUT_NAMES if n not in out]
-            if missing:
-                raise BackendError(f"{self._name}: engine did not produce {missing}")
-            scores.append(np.asarray(out["image_score"], np.float32).reshape(-1))
-            maps.append(np.asarray(out["anomaly_map"], np.float32))
-        return ScoreResult(image_scores=np.concatenate(scores), anomaly_maps=np.concatenate(maps))
+        return score_in_chunks(batch, self._max_batch, self._run)
+
+    def _run(self, batch: np.ndarray) -> ScoreResult:
+        out = self._runner.run(batch)
+        missing = [n for n in OUTPUT_NAMES if n not in out]
+        if missing:
+            raise BackendError(f"{self._name}: engine did not produce {missing}")
+        return ScoreResult(
+            image_scores=np.asarray(out["image_score"], np.float32).reshape(-1),
+            anomaly_maps=np.asarray(out["anomaly_map"], np.float32),
+        )
 
     def close(self) -> None:
         """Free the engine's device resources."""
