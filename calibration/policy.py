@@ -214,30 +214,37 @@ def recalibrate(
     old = state.current
     counts = _counts(evidence)
 
-    def refuse(reason: str, proposed: ThresholdFile | None = None) -> Decision:
+    def decide(
+        reason: str, proposed: ThresholdFile | None = None, new: ThresholdFile | None = None
+    ) -> Decision:
+        """Audit and return the outcome; ``new`` is applied unless absent or a dry run."""
+        applied = new is not None and not config.dry_run
         audit = _audit(
             action="recalibrate",
             actor=actor,
             now=now,
             old=old,
-            new=None,
+            new=new,
             proposed=proposed,
-            applied=False,
+            applied=applied,
             reason=reason,
             dry_run=config.dry_run,
             evidence=counts,
         )
-        return Decision(False, reason, old, proposed, state, audit)
+        if new is None or not applied:
+            return Decision(False, reason, old, proposed, state, audit)
+        new_state = PolicyState(current=new, history=(*state.history, new))
+        return Decision(True, reason, old, proposed, new_state, audit)
 
     n_ng, n_ok = counts.get("real_ng", 0), counts.get("real_ok", 0)
     if n_ng < config.min_real_ng or n_ok < config.min_real_ok:
-        return refuse(
+        return decide(
             f"insufficient evidence: {n_ng} real NG (need {config.min_real_ng}), "
             f"{n_ok} real OK (need {config.min_real_ok})"
         )
     foreign = sorted({s.model_sha256 for s in evidence if s.model_sha256} - {old.model_sha256})
     if old.model_sha256 and foreign:
-        return refuse(f"evidence from another model (sha256 {foreign[0][:12]}...)")
+        return decide(f"evidence from another model (sha256 {foreign[0][:12]}...)")
     version = state.latest_version + 1
     try:
         proposed = estimate.calibrate(
@@ -257,10 +264,10 @@ def recalibrate(
             now=now,
         )
     except NgcalError as e:
-        return refuse(f"calibration failed: {e}")
+        return decide(f"calibration failed: {e}")
     move = abs(proposed.value - old.value)
     if move < config.hysteresis * abs(old.value):
-        return refuse(
+        return decide(
             f"proposed move {move:.6g} is below the hysteresis "
             f"{config.hysteresis:g} x |{old.value:.6g}|",
             proposed,
@@ -283,22 +290,7 @@ def recalibrate(
     reason = "clamped to max_step" if clamped else "applied"
     if config.dry_run:
         reason = f"dry run ({reason} if applied)"
-    audit = _audit(
-        action="recalibrate",
-        actor=actor,
-        now=now,
-        old=old,
-        new=new,
-        proposed=proposed,
-        applied=not config.dry_run,
-        reason=reason,
-        dry_run=config.dry_run,
-        evidence=counts,
-    )
-    if config.dry_run:
-        return Decision(False, reason, old, proposed, state, audit)
-    new_state = PolicyState(current=new, history=(*state.history, new))
-    return Decision(True, reason, old, proposed, new_state, audit)
+    return decide(reason, proposed, new)
 
 
 def rollback(state: PolicyState, version: int, *, actor: str, now: str | None = None) -> Decision:
