@@ -224,7 +224,7 @@ def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str
     qn = q.numpy()
     p50, _ = stats_ms(timed(lambda a: sess.run(None, {"q": a}), [qn], repeats))
     p, d = q.shape
-    m = int(exp.bank_sq.shape[0])
+    m = exp.bank_rows
     return {"nn_ms": p50, "nn_gflop": 2.0 * p * m * d / 1e9, "patches": p, "bank_rows": m, "dim": d}
 
 

@@ -150,12 +150,12 @@ def greedy_coreset(
 
 def coverage_radius(features: torch.Tensor, selected: torch.Tensor) -> float:
     """Largest distance from any row of ``features`` to its nearest selected row."""
-    from .nn_search import nearest
+    from .nn_search import nearest_distance
 
     bank = features[selected].float()
     worst = 0.0
     for s in range(0, features.shape[0], 16384):
-        dist, _ = nearest(features[s : s + 16384].float(), bank)
+        dist = nearest_distance(features[s : s + 16384].float(), bank)
         worst = max(worst, float(dist.max()))
     return worst
 

@@ -41,7 +41,7 @@ from . import io as mio
 from .backbones import LITE0, default_preprocessing, load_backbone
 from .coreset import CoresetRun, greedy_coresets, random_projection
 from .model import IMAGE_SCORE_RULES, PatchCore, PatchEmbedder, reweight
-from .nn_search import nearest, squared_norms
+from .nn_search import nearest, nearest_distance, squared_norms
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,29 @@ def loo_scores(
         for i in range(n):
             own = source == i
             q = feats[i].reshape(-1, d)
-            dist, idx = nearest(q, bank, bank_sq, exclude=own)
+            if model.needs_index:
+                dist, idx = nearest(q, bank, bank_sq, exclude=own)
+            else:
+                dist, idx = nearest_distance(q, bank, bank_sq, exclude=own), None
             patch[i] = dist.numpy()
             scores[i] = float(_score_excluding(model, q, dist, idx, own))
     return scores, patch.reshape(-1)
 
 
 def _score_excluding(
-    model: PatchCore, q: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, own: torch.Tensor
+    model: PatchCore,
+    q: torch.Tensor,
+    dist: torch.Tensor,
+    idx: torch.Tensor | None,
+    own: torch.Tensor,
 ) -> torch.Tensor:
     if model.image_score == "topk_mean":
         return dist.topk(min(model.topk, dist.numel())).values.mean()
     s_star, p = dist.max(dim=0)
     if model.image_score == "max":
         return s_star
+    if idx is None:
+        raise ValueError("reweighted_max needs the nearest bank rows (idx)")
     bank = model.memory_bank
     m_star = bank[idx[p]]
     d2 = squared_norms(bank - m_star[None]).masked_fill(own, float("inf"))

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn_search import DEFAULT_CHUNK, knn_bank, nearest, squared_norms
+from .nn_search import (
+    DEFAULT_CHUNK,
+    gemm_operand,
+    knn_bank,
+    nearest,
+    nearest_distance_gemm,
+    squared_norms,
+)
 
 IMAGE_SCORE_RULES = ("reweighted_max", "topk_mean", "max")
 
@@ -94,6 +101,7 @@ class PatchCore(nn.Module):
 
     memory_bank: torch.Tensor
     bank_sq: torch.Tensor
+    bank_gemm: torch.Tensor
     bank_neighbors: torch.Tensor
     gauss: torch.Tensor
 
@@ -123,6 +131,8 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", bank)
         self.register_buffer("bank_sq", squared_norms(bank))
         self.register_buffer("bank_neighbors", knn_bank(bank, self.reweight_neighbors))
+        # derived from the bank at load time; never saved (the bank file is the artifact)
+        self.register_buffer("bank_gemm", gemm_operand(bank, self.bank_sq), persistent=False)
         self.register_buffer(
             "gauss", gaussian_kernel1d(smoothing_sigma) if smoothing_sigma > 0 else torch.ones(1)
         )
@@ -132,22 +142,35 @@ class PatchCore(nn.Module):
         feats: torch.Tensor = self.embedder(x)
         return feats
 
-    def patch_scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest-bank distance [N, h*w] and bank index [N, h*w] of every patch."""
+    @property
+    def needs_index(self) -> bool:
+        """True when the image score rule needs each patch's nearest bank row."""
+        return self.image_score == "reweighted_max"
+
+    def patch_scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Nearest-bank distance [N, h*w] of every patch, and its bank index [N, h*w] when
+        the image score rule needs it (else None: the index-free search is ~2x faster)."""
         n, h, w, d = feats.shape
-        dist, idx = nearest(feats.reshape(-1, d), self.memory_bank, self.bank_sq, chunk=self.chunk)
+        q = feats.reshape(-1, d)
+        if not self.needs_index:
+            dist = nearest_distance_gemm(q, self.bank_gemm, chunk=self.chunk)
+            return dist.reshape(n, h * w), None
+        dist, idx = nearest(q, self.memory_bank, self.bank_sq, chunk=self.chunk)
         return dist.reshape(n, h * w), idx.reshape(n, h * w)
 
     def image_scores(
-        self, feats: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor
+        self, feats: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor | None
     ) -> torch.Tensor:
-        """Image score [N] from patch distances [N, P] by ``self.image_score``."""
+        """Image score [N] from patch distances [N, P] by ``self.image_score`` (``idx``, the
+        nearest bank rows [N, P], is only read by ``reweighted_max``)."""
         if self.image_score == "topk_mean":
             k = min(self.topk, dist.shape[1])
             return dist.topk(k, dim=1).values.mean(dim=1)
         s_star, p_star = dist.max(dim=1)
         if self.image_score == "max":
             return s_star
+        if idx is None:
+            raise ValueError("reweighted_max needs the nearest bank rows (idx)")
         n, h, w, d = feats.shape
         flat = feats.reshape(n, h * w, d)
         m_test = torch.gather(flat, 1, p_star[:, None, None].expand(n, 1, d))[:, 0]

@@ -60,6 +60,21 @@ def test_simple_rules_match_cdist(rule: str) -> None:
     assert torch.allclose(score, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("rule", ["max", "topk_mean", "reweighted_max"])
+def test_patch_scores_index_only_when_the_rule_needs_it(rule: str) -> None:
+    """Distances equal cdist for every rule; the bank index comes only with reweighted_max."""
+    m = make(rule)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        dist, idx = m.patch_scores(m.embed(x))
+        d, i = reference_patch_scores(m, x)
+    assert torch.allclose(dist, d, atol=1e-4)
+    if rule == "reweighted_max":
+        assert idx is not None and torch.equal(idx, i)
+    else:
+        assert idx is None
+
+
 def test_reweighted_max_follows_paper_eq7() -> None:
     """reweighted_max = (1 - softmax(||m_test - n||)[m*]) * s* over m*'s b nearest bank rows."""
     m = make("reweighted_max")

@@ -6,7 +6,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ngcal.core.patchcore.nn_search import knn_bank, nearest, nearest_cdist  # noqa: E402
+from ngcal.core.patchcore.nn_search import (  # noqa: E402
+    gemm_operand,
+    knn_bank,
+    nearest,
+    nearest_cdist,
+    nearest_distance,
+    nearest_distance_gemm,
+)
 
 pytestmark = pytest.mark.torch
 
@@ -21,6 +28,37 @@ def test_nearest_matches_cdist(chunk: int) -> None:
     dr, ir = nearest_cdist(q, bank)
     assert torch.allclose(d, dr, atol=1e-4)
     assert torch.equal(i, ir)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1024])
+def test_nearest_distance_equals_nearest(chunk: int) -> None:
+    """The index-free searches (addmm, and one GEMM over ``gemm_operand``) return the same
+    minima as ``nearest`` and cdist (1e-4), and ~0 (never NaN) for a query in the bank."""
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(300, 24, generator=g) * 3
+    q = torch.randn(100, 24, generator=g) * 3
+    d = nearest_distance(q, bank, chunk=chunk)
+    assert torch.allclose(d, nearest(q, bank, chunk=chunk)[0], atol=1e-5)
+    assert torch.allclose(d, nearest_cdist(q, bank)[0], atol=1e-4)
+    dg = nearest_distance_gemm(q, gemm_operand(bank), chunk=chunk)
+    assert torch.allclose(dg, d, atol=1e-4)
+    for hits in (
+        nearest_distance(bank[[3, 17]], bank, chunk=chunk),
+        nearest_distance_gemm(bank[[3, 17]], gemm_operand(bank), chunk=chunk),
+    ):
+        assert torch.all(hits < 1e-2) and not torch.isnan(hits).any()
+
+
+def test_nearest_distance_exclude() -> None:
+    """Excluded rows are never the minimum: equals cdist over the remaining rows."""
+    g = torch.Generator().manual_seed(6)
+    bank = torch.randn(200, 16, generator=g)
+    q = bank[:20] + 0.01 * torch.randn(20, 16, generator=g)
+    excl = torch.zeros(200, dtype=torch.bool)
+    excl[:20] = True
+    d = nearest_distance(q, bank, exclude=excl, chunk=50)
+    assert torch.allclose(d, nearest_cdist(q, bank[20:])[0], atol=1e-4)
+    assert float(d.min()) > 0.1  # its own (excluded) rows are ~0.01 away
 
 
 def test_nearest_exact_hit_is_zero() -> None:
