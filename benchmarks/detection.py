@@ -12,7 +12,9 @@ with ``--variants`` extra fits (input size, coreset projection dim) with AUROC a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+#: anchors.md: 4096^2 fp32 matmul on 1 thread on the machine the anchor figures come from
+ANCHOR_MATMUL_GFLOPS = 137.0
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic_tile" / "tile"
 )
@@ -168,6 +172,35 @@ def normal_vs_test_good(model_dir: Path, test: list[Any], scores: np.ndarray) ->
     return out
 
 
+def machine_speed() -> dict[str, Any]:
+    """The CPU's name and its 4096^2 fp32 matmul rate on 1 thread (best of 3): anchors.md
+    measured 137 GFLOP/s on the machine of its figures, so times can be compared across
+    machines of this kind, which vary (shared vCPUs)."""
+    import torch
+
+    name = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(4096, 4096)
+    torch.mm(a, a)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(saved)
+    return {
+        "cpu": name,
+        "matmul_gflops_1t": round(2 * 4096**3 / best / 1e9, 1),
+        "anchor_machine_matmul_gflops_1t": ANCHOR_MATMUL_GFLOPS,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("NGCAL_DATA", DEFAULT_DATA)))
@@ -181,6 +214,7 @@ def main() -> int:
         "data": args.data.resolve().name,
         "torch_threads": args.threads,
         "cpu_count": os.cpu_count(),
+        "machine": machine_speed(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         log("fit (defaults: Lite0, 256 px, coreset 1% greedy on all patches, dim 32, 5 folds)")

@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
-#: Bank rows per MatMul in the exported search; measured best of 1024..M on 1 thread
-#: (onnxruntime 1.32, 2-core AVX-512 CPU: 1024 beat 2048 by ~15%, the whole bank by ~25%).
-EXPORT_CHUNK = 1024
+#: Bank rows per MatMul in the exported search; measured best of 512..M on 1 thread
+#: (onnxruntime 1.32, 2-core AVX-512 CPU: 512 beat 1024 by ~9%, 2048 by ~25%; padding
+#: the inner dimension 153 to a multiple of 8 or 16 did not help).
+EXPORT_CHUNK = 512
 Exporter = Literal["legacy", "dynamo"]
 
 

@@ -65,10 +65,21 @@ class FitConfig:
     topk: int = 10
     reweight_neighbors: int = 9
     smoothing_sigma: float = 4.0
-    batch_size: int = 16
+    #: images per forward pass during extraction; None: 4 on CPU, where small batches stay
+    #: in cache (Lite0 at 256 px, 1 thread: 27 ms/image at 4, 45 ms/image at 16), 32 on GPU
+    batch_size: int | None = None
     progress: bool = False
 
+    @property
+    def extraction_batch(self) -> int:
+        """``batch_size``, or the measured default for the device."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 4 if self.device == "cpu" else 32
+
     def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size {self.batch_size}: must be >= 1")
         if not 0 < self.coreset_ratio <= 1:
             raise ConfigError(f"--coreset-ratio {self.coreset_ratio}: must be in (0, 1]")
         if self.image_score not in IMAGE_SCORE_RULES:
@@ -178,7 +189,12 @@ def fit(
         projection = random_projection(raw_dim, cfg.projection_dim, cfg.seed + 1)
     embedder = PatchEmbedder(bb.module, projection=projection).to(cfg.device).eval()
     feats = extract_features(
-        embedder, paths, pre, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress
+        embedder,
+        paths,
+        pre,
+        batch_size=cfg.extraction_batch,
+        device=cfg.device,
+        progress=cfg.progress,
     )
     t_feat = time.perf_counter()
     _, h, w, d = feats.shape

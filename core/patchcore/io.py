@@ -158,7 +158,7 @@ def score_paths(
     loaded: LoadedModel,
     paths: Sequence[str | os.PathLike[str]],
     *,
-    batch_size: int = 8,
+    batch_size: int = 4,
     progress: bool = False,
     with_maps: bool = True,
 ) -> ScoredImages:

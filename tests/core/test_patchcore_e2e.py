@@ -373,3 +373,16 @@ def test_projection_is_stored_and_applied(small_category: Path, tmp_path: Path) 
     assert tuple(loaded.module.memory_bank.shape)[1] == 48
     good = next((small_category / "test" / "good").iterdir())
     assert np.isfinite(score_paths(loaded, [good], with_maps=False).scores).all()
+
+
+def test_extraction_batch_defaults_by_device_and_refuses_nonsense() -> None:
+    """Extraction batch: 4 on CPU (measured fastest per image), 32 on GPU, or as given; < 1
+    is refused before any work, naming the field."""
+    from ngcal.core.errors import ConfigError
+    from ngcal.core.patchcore.fitting import FitConfig
+
+    assert FitConfig().extraction_batch == 4
+    assert FitConfig(device="cuda").extraction_batch == 32
+    assert FitConfig(batch_size=7).extraction_batch == 7
+    with pytest.raises(ConfigError, match="batch size 0"):
+        FitConfig(batch_size=0)
