@@ -23,7 +23,8 @@ object on stdout (progress on stderr):
 * ``default_profile`` and ``auroc_cost``: the default bundle and every profile of the grid
   (``--fractions``: greedy-prefix bank fractions, ``ngcal export --bank-fraction``;
   ``--alt-model``: a model at a smaller input size), each exported, its test-split AUROC
-  and its ORT p50/p99 at 1 AND 2 threads (the anchor used 2), plus PCA estimates.
+  and its ORT p50/p99 at 1 AND 2 threads (the anchor used 2), all profiles timed
+  interleaved in one run (the shared CPU's speed drifts), plus PCA estimates.
 * ``fast_profile``: chosen from the grid by ``FAST_RULE``; its settings, AUROC, ORT p50 at
   1 and 2 threads and ``speedup_vs_anomalib`` (2 threads, like the anchor).
 """
@@ -132,26 +133,32 @@ def test_inputs(data: Path, spec: object, n: int) -> tuple[list[Path], np.ndarra
 
 
 def bench_runtimes(
-    fns: dict[str, object], x: np.ndarray, repeats: int
+    fns: dict[str, object], x: np.ndarray | dict[str, np.ndarray], repeats: int
 ) -> dict[str, dict[str, float]]:
     """Batch-1 and batch-8 per-image p50/p99 of each runtime in ``fns``, interleaved.
 
     Runtimes alternate image by image, so a load change on the (shared) CPU hits all of
-    them alike and their ratio stays meaningful.
+    them alike and their ratio stays meaningful. ``x``: one input array for all, or one
+    per runtime name (profiles at different input sizes).
     """
-    singles = [x[i : i + 1] for i in range(len(x))]
-    eights = [np.roll(x, -8 * k, axis=0)[:8] for k in range(max(1, len(x) // 8))]
+    xs = x if isinstance(x, dict) else {name: x for name in fns}
+    singles = {n: [a[i : i + 1] for i in range(len(a))] for n, a in xs.items()}
+    eights = {
+        n: [np.roll(a, -8 * k, axis=0)[:8] for k in range(max(1, len(a) // 8))]
+        for n, a in xs.items()
+    }
     out: dict[str, dict[str, float]] = {}
     for inputs, n, per, tag in (
         (singles, repeats, 1, ""),
         (eights, max(5, repeats // 4), 8, "b8_"),
     ):
         times: dict[str, list[float]] = {name: [] for name in fns}
-        for fn in fns.values():
-            timed(fn, inputs, 0, warmup=3)
+        for name, fn in fns.items():
+            timed(fn, inputs[name], 0, warmup=3)
         for r in range(n):
             for name, fn in fns.items():
-                times[name] += timed(fn, [inputs[r % len(inputs)]], 1, warmup=0)
+                own = inputs[name]
+                times[name] += timed(fn, [own[r % len(own)]], 1, warmup=0)
         for name in fns:
             p50, p99 = stats_ms(times[name], per=per)
             out.setdefault(name, {}).update({f"{tag}p50_ms": p50, f"{tag}p99_ms": p99})
@@ -333,16 +340,16 @@ def pca_variants(
     return out
 
 
-def bench_profile(
+def prepare_profile(
     model_dir: Path,
     frac: float,
     paths: list[Path],
     args: argparse.Namespace,
     bundle: Path | None = None,
-) -> dict[str, object]:
+) -> tuple[dict[str, object], dict[str, object], np.ndarray]:
     """One profile: export ``model_dir`` at bank fraction ``frac`` (unless ``bundle`` is
-    given), its test-split image AUROC (onnxruntime), and onnxruntime batch-1/batch-8
-    latency at 1 and 2 threads (interleaved, as ``bench_runtimes``)."""
+    given) and measure its test-split image AUROC (onnxruntime). Returns its grid row
+    (timings filled in by ``time_profiles``), its scorers at 1 and 2 threads and inputs."""
     from ngcal.core.bundle import open_bundle
     from ngcal.core.images import load_and_preprocess
     from ngcal.core.runtime import open_scorer
@@ -354,9 +361,6 @@ def bench_profile(
             bundle = export_bundle(model_dir, out, bank_fraction=frac).bundle
     b = open_bundle(bundle)
     x = np.stack([load_and_preprocess(p, b.manifest.preprocessing) for p in paths])
-    res = bench_runtimes(
-        {f"{t}t": open_scorer(b, threads=t).score for t in (1, 2)}, x, args.repeats
-    )
     spec = b.manifest.patchcore
     row: dict[str, object] = {
         "option": "bank_fraction",
@@ -366,14 +370,34 @@ def bench_profile(
         "bank": [spec.coreset_size, spec.feature_dim],
         "image_auroc": bundle_auroc(bundle, args.data, 2),
     }
-    for t in (1, 2):
-        r = res[f"{t}t"]
-        row[f"ort_p50_ms_{t}t"] = r["p50_ms"]
-        row[f"ort_p99_ms_{t}t"] = r["p99_ms"]
-        row[f"ort_b8_p50_ms_{t}t"] = r["b8_p50_ms"]
-        row[f"speedup_vs_anomalib_{t}t"] = ANOMALIB_ORT_MS / r["p50_ms"]
-    log(f"profile {row}")
-    return row
+    scorers: dict[str, object] = {f"{t}t": open_scorer(b, threads=t).score for t in (1, 2)}
+    return row, scorers, x
+
+
+def time_profiles(
+    profiles: list[tuple[dict[str, object], dict[str, object], np.ndarray]], repeats: int
+) -> list[dict[str, object]]:
+    """onnxruntime batch-1/batch-8 latency of every profile at 1 and 2 threads, all
+    interleaved in ONE ``bench_runtimes`` run: timed one after another, profiles landed
+    in different phases of the shared CPU's speed (up to 1.8x apart on one machine)."""
+    fns: dict[str, object] = {}
+    xs: dict[str, np.ndarray] = {}
+    for i, (_, scorers, x) in enumerate(profiles):
+        for name, fn in scorers.items():
+            fns[f"{i}:{name}"] = fn
+            xs[f"{i}:{name}"] = x
+    res = bench_runtimes(fns, xs, repeats)
+    rows = []
+    for i, (row, _, _) in enumerate(profiles):
+        for t in (1, 2):
+            r = res[f"{i}:{t}t"]
+            row[f"ort_p50_ms_{t}t"] = r["p50_ms"]
+            row[f"ort_p99_ms_{t}t"] = r["p99_ms"]
+            row[f"ort_b8_p50_ms_{t}t"] = r["b8_p50_ms"]
+            row[f"speedup_vs_anomalib_{t}t"] = ANOMALIB_ORT_MS / r["p50_ms"]
+        log(f"profile {row}")
+        rows.append(row)
+    return rows
 
 
 def pick_fast(rows: list[dict[str, object]]) -> dict[str, object] | None:
@@ -455,12 +479,16 @@ def main() -> None:
     log(f"scorer subprocess: {rss}")
     spec = bundle.manifest.patchcore
 
-    default = bench_profile(model_dir, 1.0, paths, args, bundle=bundle_dir)
-    grid = [default]
-    grid += [bench_profile(model_dir, float(f), paths, args) for f in _floats(args.fractions)]
+    profiles = [prepare_profile(model_dir, 1.0, paths, args, bundle=bundle_dir)]
+    profiles += [prepare_profile(model_dir, float(f), paths, args) for f in _floats(args.fractions)]
     if args.alt_model:
         alt = Path(args.alt_model)
-        grid += [bench_profile(alt, float(f), paths, args) for f in _floats(args.alt_fractions)]
+        profiles += [
+            prepare_profile(alt, float(f), paths, args) for f in _floats(args.alt_fractions)
+        ]
+    grid = time_profiles(profiles, args.repeats)
+    del profiles  # their onnxruntime sessions
+    default = grid[0]
     for row in grid:
         row["auroc_cost"] = float(default["image_auroc"]) - float(row["image_auroc"])  # type: ignore[arg-type]
     variants = None
