@@ -5,6 +5,21 @@ bank chunk), clamped at 0, reduced to the minimum over the bank, and only the mi
 square root. This is the export-safe formulation anomalib also uses: no ``cdist``, no
 data-dependent control flow (the chunk loop depends only on the bank size, a constant of
 the exported graph), so it traces into ONNX opset 17 as MatMul/ReduceMin/ArgMin.
+
+Exact search cannot beat one fp32 GEMM over the bank by much on CPU; what was measured
+(1024 patches x 6831 x 152 bank of the magnetic-tile model, 1 thread) and left out:
+
+* pruning by a PCA lower bound (top 48 of 152 components plus the residual norm): 26
+  candidates per patch on average, 157 at p99; the two bound passes cost more than saved;
+* triangle-inequality pruning with bank-to-bank distances: useless at 152 dimensions
+  (after the nearest row, 3800 of 6831 rows survive on median);
+* an int8 candidate pass (``torch._int_mm``, AVX512-VNNI: 7.4 ms against 18.5 ms for the
+  fp32 GEMM) with a Cauchy-Schwarz error bound and an exact fp32 re-check of the
+  candidates (28 per patch; exact to 2e-6): the full-size passes over the [P, M] block
+  (max, compare, nonzero) and the gather brought it to 52 ms in torch eager;
+* bf16: 3.9x faster GEMM on CPUs with AVX512-BF16, 3.3x slower on those without.
+What did pay: no argmin when the image score rule needs none (``nearest_distance``), and
+the bank's squared norms inside the GEMM operand (``gemm_operand``): about 2x together.
 """
 
 from __future__ import annotations

@@ -49,18 +49,6 @@ def test_nearest_distance_equals_nearest(chunk: int) -> None:
         assert torch.all(hits < 1e-2) and not torch.isnan(hits).any()
 
 
-def test_nearest_distance_exclude() -> None:
-    """Excluded rows are never the minimum: equals cdist over the remaining rows."""
-    g = torch.Generator().manual_seed(6)
-    bank = torch.randn(200, 16, generator=g)
-    q = bank[:20] + 0.01 * torch.randn(20, 16, generator=g)
-    excl = torch.zeros(200, dtype=torch.bool)
-    excl[:20] = True
-    d = nearest_distance(q, bank, exclude=excl, chunk=50)
-    assert torch.allclose(d, nearest_cdist(q, bank[20:])[0], atol=1e-4)
-    assert float(d.min()) > 0.1  # its own (excluded) rows are ~0.01 away
-
-
 def test_nearest_exact_hit_is_zero() -> None:
     """A query equal to a bank row has distance ~0 (clamped, never NaN) and finds that row."""
     g = torch.Generator().manual_seed(2)
@@ -71,7 +59,7 @@ def test_nearest_exact_hit_is_zero() -> None:
 
 
 def test_exclude_never_returns_excluded_rows() -> None:
-    """With rows excluded, the answer equals cdist over the remaining rows."""
+    """With rows excluded, both searches equal cdist over the remaining rows."""
     g = torch.Generator().manual_seed(3)
     bank = torch.randn(200, 16, generator=g)
     q = bank[:20] + 0.01 * torch.randn(20, 16, generator=g)
@@ -81,6 +69,8 @@ def test_exclude_never_returns_excluded_rows() -> None:
     dr, ir = nearest_cdist(q, bank[20:])
     assert torch.equal(i, ir + 20)
     assert torch.allclose(d, dr, atol=1e-4)
+    assert torch.allclose(nearest_distance(q, bank, exclude=excl, chunk=50), dr, atol=1e-4)
+    assert float(dr.min()) > 0.1  # its own (excluded) rows are ~0.01 away
 
 
 def test_knn_bank_itself_first_then_sorted() -> None:
