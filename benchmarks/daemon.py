@@ -154,16 +154,19 @@ class VerdictListener:
 
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.got: dict[str, float] = {}
         self.labels: dict[str, int] = {}
         self.cond = threading.Condition()
         self.ready = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench", protocol=mqtt.MQTTv5)
-        c.on_connect = lambda cl, u, f, rc, p: (
-            cl.subscribe("ngcal/bench/+/verdict", qos=1),
-            self.ready.set(),
-        )
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench", protocol=mqtt.MQTTv5)
+
+        def on_connect(cl: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
+            cl.subscribe("ngcal/bench/+/verdict", qos=1)
+            self.ready.set()
+
+        c.on_connect = on_connect
         c.on_message = self._on_message
         c.connect("127.0.0.1", port)
         c.loop_start()
