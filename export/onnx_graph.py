@@ -5,8 +5,9 @@ function with operators that run faster in onnxruntime (the parity check bounds 
 difference; see ``export.parity``):
 
 * Embedding and the image-score rule are the wrapped module's own code.
-* Nearest neighbour: squared distances as ONE MatMul per bank chunk of ``[q, 1]`` with
-  the constant ``[-2 * bank^T; ||bank||^2]`` (``nn_search.gemm_operand``: the bank norms
+* Nearest neighbour: ``nn_search.nearest_distance_gemm``, the module's own search:
+  squared distances as ONE MatMul per bank chunk of ``[q, 1]`` with the constant
+  ``[-2 * bank^T; ||bank||^2]`` (the module's ``bank_gemm``: the bank norms
   ride inside the product, no bias pass), ``ReduceMin`` over the bank, and the query's
   squared norm added AFTER the min (it is constant along the bank axis), so the [P, M]
   distance block is written once and read once. Only when the score rule needs the
@@ -41,7 +42,7 @@ from typing import Literal
 import torch
 from ngcal.core.errors import ArtifactError
 from ngcal.core.patchcore.model import PatchCore
-from ngcal.core.patchcore.nn_search import gemm_operand
+from ngcal.core.patchcore.nn_search import nearest_distance_gemm
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,6 @@ class ExportPatchCore(nn.Module):
 
     bank_t_neg2: torch.Tensor
     bank_sq: torch.Tensor
-    bank_gemm: torch.Tensor
     map_rows: torch.Tensor
     map_cols_t: torch.Tensor
 
@@ -105,8 +105,6 @@ class ExportPatchCore(nn.Module):
         if self.need_index:
             self.register_buffer("bank_t_neg2", (-2.0 * bank).t().contiguous())
             self.register_buffer("bank_sq", (bank * bank).sum(dim=1).contiguous())
-        else:
-            self.register_buffer("bank_gemm", gemm_operand(bank))
         ops = map_operators(pc, self.grid) if fast_map else None
         self.fast_map = ops is not None
         a_y, a_x = ops if ops is not None else (torch.zeros(0, 0), torch.zeros(0, 0))
@@ -115,28 +113,22 @@ class ExportPatchCore(nn.Module):
 
     def nearest(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q [P, D] -> (distance [P], nearest bank row [P] or None when not needed)."""
+        if not self.need_index:
+            return nearest_distance_gemm(q, self.pc.bank_gemm, chunk=self.chunk), None
         m = self.bank_rows
         mins: list[torch.Tensor] = []
         args: list[torch.Tensor] = []
-        if self.need_index:
-            for start in range(0, m, self.chunk):
-                stop = min(start + self.chunk, m)
-                d2 = torch.addmm(self.bank_sq[start:stop], q, self.bank_t_neg2[:, start:stop])
-                v, i = d2.min(dim=1)
-                mins.append(v)
-                args.append(i + start)
-        else:
-            qa = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
-            for start in range(0, m, self.chunk):
-                stop = min(start + self.chunk, m)
-                mins.append(torch.matmul(qa, self.bank_gemm[:, start:stop]).amin(dim=1))
+        for start in range(0, m, self.chunk):
+            stop = min(start + self.chunk, m)
+            d2 = torch.addmm(self.bank_sq[start:stop], q, self.bank_t_neg2[:, start:stop])
+            v, i = d2.min(dim=1)
+            mins.append(v)
+            args.append(i + start)
         if len(mins) == 1:
-            best, idx = mins[0], (args[0] if args else None)
-        elif self.need_index:
+            best, idx = mins[0], args[0]
+        else:
             best, which = torch.stack(mins, dim=1).min(dim=1)
             idx = torch.gather(torch.stack(args, dim=1), 1, which[:, None])[:, 0]
-        else:
-            best, idx = torch.stack(mins, dim=1).amin(dim=1), None
         best = best + (q * q).sum(dim=1)
         return best.clamp_min(0.0).sqrt(), idx
 
