@@ -89,20 +89,10 @@ def bank_prefix_rows(total: int, fraction: float) -> int:
 
 def truncate_bank(pc: PatchCore, rows: int) -> PatchCore:
     """A PatchCore sharing ``pc``'s embedder whose bank is the first ``rows`` bank rows."""
-    from ngcal.core.patchcore.model import PatchCore
 
     if rows >= pc.memory_bank.shape[0]:
         return pc
-    return PatchCore(
-        pc.embedder,
-        pc.memory_bank[:rows].clone(),
-        image_size=pc.image_size,
-        image_score=pc.image_score,
-        topk=pc.topk,
-        reweight_neighbors=pc.reweight_neighbors,
-        smoothing_sigma=pc.smoothing_sigma,
-        chunk=pc.chunk,
-    ).eval()
+    return pc.with_bank(pc.memory_bank[:rows].clone())
 
 
 def _copy_scoresets(model_dir: Path, dest: Path, model_sha256: str) -> list[str]:

@@ -86,17 +86,7 @@ def without_rows(module: torch.nn.Module, keep: torch.Tensor) -> torch.nn.Module
     bank = module.memory_bank[keep.to(module.memory_bank.device)]
     if bank.shape[0] < 1:
         raise ArtifactError("leave-group-out would remove every memory bank row")
-    m = PatchCore(
-        module.embedder,
-        bank,
-        image_size=module.image_size,
-        image_score=module.image_score,
-        topk=module.topk,
-        reweight_neighbors=module.reweight_neighbors,
-        smoothing_sigma=module.smoothing_sigma,
-        chunk=module.chunk,
-    )
-    return m.to(module.memory_bank.device).eval()
+    return module.with_bank(bank)
 
 
 class HeldOutScorer:

@@ -137,6 +137,24 @@ class PatchCore(nn.Module):
             "gauss", gaussian_kernel1d(smoothing_sigma) if smoothing_sigma > 0 else torch.ones(1)
         )
 
+    def with_bank(self, bank: torch.Tensor) -> PatchCore:
+        """The same detector (embedder shared, every setting kept) over another memory bank
+        [M', D], on this module's device, in eval mode."""
+        return (
+            PatchCore(
+                self.embedder,
+                bank,
+                image_size=self.image_size,
+                image_score=self.image_score,
+                topk=self.topk,
+                reweight_neighbors=self.reweight_neighbors,
+                smoothing_sigma=self.smoothing_sigma,
+                chunk=self.chunk,
+            )
+            .to(self.memory_bank.device)
+            .eval()
+        )
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Locally aware, projected patch features: [N,3,S,S] -> [N,h,w,D]."""
         feats: torch.Tensor = self.embedder(x)
