@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BackendError, DataError
 from .manifest import Preprocessing
-from .scorer import ScoreResult, score_in_chunks
+from .scorer import ScoreResult, probe, score_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class OrtScorer:
             )
         self._check_io(onnx_path)
         self._name = f"onnxruntime:{wanted}"
-        self._probe()
+        probe(self._name, self._run, preprocessing.image_size)
         log.info("%s ready (%d thread(s), max batch %d)", self._name, threads, self._max_batch)
 
     def _check_io(self, onnx_path: str | os.PathLike[str]) -> None:
@@ -167,24 +167,6 @@ class OrtScorer:
             raise BackendError(
                 f"{onnx_path}: graph has inputs {inputs} and outputs {outputs}; expected input "
                 f"{INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}"
-            )
-
-    def _probe(self) -> None:
-        """Run a batch of zeros through the session; the provider must really work."""
-        s = self._pre.image_size
-        try:
-            res = self._run(np.zeros((1, 3, s, s), dtype=np.float32))
-        except Exception as e:
-            raise BackendError(f"{self._name}: probe inference failed: {e}") from e
-        if res.image_scores.shape != (1,) or not np.all(np.isfinite(res.image_scores)):
-            raise BackendError(
-                f"{self._name}: probe inference gave image_score {res.image_scores!r}; "
-                "expected one finite value"
-            )
-        if res.anomaly_maps is not None and res.anomaly_maps.shape != (1, s, s):
-            raise BackendError(
-                f"{self._name}: probe anomaly_map has shape {res.anomaly_maps.shape}, "
-                f"expected (1, {s}, {s})"
             )
 
     @property

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .errors import BackendError
 from .manifest import Preprocessing
 
 
@@ -68,3 +69,25 @@ def score_in_chunks(
         image_scores=np.concatenate([p.image_scores for p in parts]),
         anomaly_maps=np.concatenate(maps) if len(maps) == len(parts) else None,
     )
+
+
+def probe(name: str, run: Callable[[np.ndarray], ScoreResult], image_size: int) -> None:
+    """Start-up check of a backend: ``run`` one batch of zeros and demand one finite image
+    score and, where maps come back, one map of the input size; BackendError naming
+    ``name`` otherwise (a runtime that lists a device is not one that works on it)."""
+    s = image_size
+    try:
+        res = run(np.zeros((1, 3, s, s), dtype=np.float32))
+    except BackendError:
+        raise
+    except Exception as e:  # runtimes raise their own untyped errors
+        raise BackendError(f"{name}: probe inference failed: {e}") from e
+    if res.image_scores.shape != (1,) or not np.all(np.isfinite(res.image_scores)):
+        raise BackendError(
+            f"{name}: probe inference gave image_score {res.image_scores!r}; "
+            "expected one finite value"
+        )
+    if res.anomaly_maps is not None and res.anomaly_maps.shape != (1, s, s):
+        raise BackendError(
+            f"{name}: probe anomaly_map has shape {res.anomaly_maps.shape}, expected (1, {s}, {s})"
+        )

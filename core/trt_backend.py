@@ -36,7 +36,7 @@ from .errors import BackendError, NgcalError
 from .files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .manifest import Preprocessing
 from .ort_backend import INPUT_NAME, OUTPUT_NAMES, check_batch
-from .scorer import ScoreResult, score_in_chunks
+from .scorer import ScoreResult, probe, score_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +207,7 @@ class TrtScorer:
         self._key = key
         self._max_batch = max_batch
         self._name = f"tensorrt:{key.gpu_name}:{key.precision}"
-        s = preprocessing.image_size
-        try:
-            res = self.score(np.zeros((1, 3, s, s), dtype=np.float32))
-        except BackendError:
-            raise
-        except Exception as e:
-            raise BackendError(f"{self._name}: probe inference failed: {e}") from e
-        if res.image_scores.shape != (1,) or not np.all(np.isfinite(res.image_scores)):
-            raise BackendError(f"{self._name}: probe gave image_score {res.image_scores!r}")
+        probe(self._name, self.score, preprocessing.image_size)
 
     @property
     def name(self) -> str:
