@@ -46,6 +46,11 @@ def test_exported_graph_matches_torch_for_each_rule(
     assert np.abs(score - ref[0]).max() <= 1e-4 * scale
     assert np.abs(amap - ref[1]).max() <= 1e-4 * float(np.abs(ref[1]).max())
     assert amap.shape == (len(x), 64, 64) and score.shape == (len(x),)
+    # Lite0's TF-"same" padding is folded into its convolutions (export.onnx_passes)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "Pad" not in ops and "Conv" in ops
     one = sess.run(["image_score"], {"image": x[:1]})[0]  # dynamic batch
     assert one.shape == (1,)
 
