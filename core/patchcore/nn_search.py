@@ -20,6 +20,14 @@ Exact search cannot beat one fp32 GEMM over the bank by much on CPU; what was me
 * bf16: 3.9x faster GEMM on CPUs with AVX512-BF16, 3.3x slower on those without.
 What did pay: no argmin when the image score rule needs none (``nearest_distance``), and
 the bank's squared norms inside the GEMM operand (``gemm_operand``): about 2x together.
+
+The ceiling, measured (``benchmarks/detection.py``: ``cdist_over_gemm_only``): default
+``torch.cdist`` itself costs only ~2.0x the search's one GEMM alone (1024 x 6831 x 153,
+no reduction), so no exact fp32 matmul search can be 3x faster than it on such a CPU;
+that takes fewer FLOPs (a fused int8 pass with exact re-check) or lower-precision
+hardware. Bounds for an exact top-k-only image score were measured too: PCA bounds at 48
+of 152 dimensions leave 90% of patches as top-10 candidates (the patch distances within
+an image spread less than the bounds' gap).
 """
 
 from __future__ import annotations
