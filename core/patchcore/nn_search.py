@@ -21,21 +21,33 @@ Exact search cannot beat one fp32 GEMM over the bank by much on CPU; what was me
 What did pay: no argmin when the image score rule needs none (``nearest_distance``), and
 the bank's squared norms inside the GEMM operand (``gemm_operand``): about 2x together.
 
-The ceiling, measured (``benchmarks/detection.py``: ``cdist_over_gemm_only``): default
-``torch.cdist`` itself costs only ~2.0x the search's one GEMM alone (1024 x 6831 x 153,
-no reduction), so no exact fp32 matmul search can be 3x faster than it on such a CPU;
-that takes fewer FLOPs (a fused int8 pass with exact re-check) or lower-precision
-hardware. Bounds for an exact top-k-only image score were measured too: PCA bounds at 48
-of 152 dimensions leave 90% of patches as top-10 candidates (the patch distances within
-an image spread less than the bounds' gap).
+Default ``torch.cdist`` itself costs only ~2.0x one GEMM over the whole feature width
+(``benchmarks/detection.py``: ``cdist_over_gemm_only``), so beating it by 3x takes fewer
+FLOPs, exactly: ``nearest_distance_levels`` uses the structure of the patch features.
+Their coarse levels are bilinear upsamplings of maps with 4x fewer positions, and
+upsampling is linear, so the coarse products are computed at the coarse positions and the
+product maps upsampled (45% of the multiply-adds for Lite0; ~1.5x faster than the direct
+GEMM here, exact to fp32 rounding). ``PatchCore.forward`` uses it; features without that
+structure (a projection mixes the levels) use the direct search.
+Bounds for an exact top-k-only image score were measured too: PCA bounds at 48 of 152
+dimensions leave 90% of patches as top-10 candidates (the patch distances within an
+image spread less than the bounds' gap).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
+
+#: The kernel ``F.interpolate(mode="bilinear")`` runs, with an output argument.
+_upsample_bilinear_out = torch.ops.aten.upsample_bilinear2d.out
 
 #: Bank rows per GEMM: keeps the [P, chunk] distance block in cache-friendly sizes.
 DEFAULT_CHUNK = 1024
+#: Bank rows per step of ``nearest_distance_levels`` (measured best of 256..1024, 1 thread).
+LEVELS_CHUNK = 256
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -110,23 +122,25 @@ def nearest_distance(
 
 
 def gemm_operand(bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """The bank as one GEMM operand [D + 1, M]: ``-2 bank^T`` with ``||bank||^2`` as a last row.
+    """The bank as one GEMM operand [1 + D, M]: ``||bank||^2`` as a first row over ``-2 bank^T``.
 
-    ``[q, 1] @ operand`` is ``||b||^2 - 2 q.b`` for every bank row b in ONE matmul: the
+    ``[1, q] @ operand`` is ``||b||^2 - 2 q.b`` for every bank row b in ONE matmul: the
     squared norms ride in the product instead of a separate broadcast-add pass over the
     [P, M] block (measured ~20% faster than ``addmm`` with a bias, in torch and
-    onnxruntime on this project's 2-core CPU; ``benchmarks/detection.py``).
+    onnxruntime on this project's 2-core CPU; ``benchmarks/detection.py``). Rows
+    ``1 + a .. 1 + b`` are ``-2`` times the bank's feature columns ``a .. b``, which the
+    factored search (``nearest_distance_levels``) uses per feature level.
     """
     if bank_sq is None:
         bank_sq = squared_norms(bank)
-    return torch.cat([-2.0 * bank, bank_sq[:, None]], dim=1).t().contiguous()
+    return torch.cat([bank_sq[:, None], -2.0 * bank], dim=1).t().contiguous()
 
 
 def nearest_distance_gemm(
     queries: torch.Tensor, operand: torch.Tensor, *, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
     """``nearest_distance`` over a precomputed ``gemm_operand``: distance [P] to the nearest row."""
-    qa = torch.cat([queries, torch.ones_like(queries[:, :1])], dim=1)
+    qa = torch.cat([torch.ones_like(queries[:, :1]), queries], dim=1)
     m = operand.shape[1]
     mins = [
         torch.matmul(qa, operand[:, start : min(start + chunk, m)]).amin(dim=1)
@@ -134,6 +148,74 @@ def nearest_distance_gemm(
     ]
     best = mins[0] if len(mins) == 1 else torch.stack(mins, dim=1).amin(dim=1)
     return (best + squared_norms(queries)).clamp_min(0.0).sqrt()
+
+
+def factored_flops(grids: Sequence[tuple[int, int]], dims: Sequence[int]) -> tuple[int, int]:
+    """Multiply-adds per bank row and image of the direct and the factored search:
+    (P * (1 + D), P * (1 + D_0) + sum_l P_l * D_l), P_l = h_l * w_l of level l."""
+    p = grids[0][0] * grids[0][1]
+    direct = p * (1 + sum(dims))
+    coarse = zip(grids[1:], dims[1:], strict=True)
+    factored = p * (1 + dims[0]) + sum(h * w * d for (h, w), d in coarse)
+    return direct, factored
+
+
+def nearest_distance_levels(
+    levels: Sequence[torch.Tensor],
+    operand: torch.Tensor,
+    queries_sq: torch.Tensor,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """``nearest_distance`` for patch features built from feature levels, without building
+    the products at the upsampled positions: distance [N * h * w] to the nearest bank row.
+
+    levels[0] [N, h, w, D_0] is the patch grid; levels[l > 0] [N, h_l, w_l, D_l] are
+    coarser maps that enter each patch feature bilinearly upsampled to (h, w)
+    (``align_corners=False``), concatenated in this order (``PatchEmbedder``). Upsampling
+    is linear, so ``up(c) . b = up(c . b)``: the coarse products are computed at the
+    h_l * w_l coarse positions and the [h_l, w_l] product maps are upsampled (channels
+    last, the fast layout for torch's CPU kernel), then the fine GEMM accumulates into them
+    (``addmm_``). For Lite0 (40 channels at stride 8, 112 at 16) that is 45% of the direct
+    GEMM's multiply-adds. ``operand`` is ``gemm_operand(bank)``; ``queries_sq`` [N * h * w]
+    the squared norms of the concatenated features. Exact up to fp32 rounding (tests:
+    against ``torch.cdist``).
+    """
+    n, h, w, d0 = levels[0].shape
+    p = n * h * w
+    m = operand.shape[1]
+    fine = levels[0].reshape(p, d0)
+    qa = torch.cat([torch.ones_like(fine[:, :1]), fine], dim=1)
+    offsets = [1 + d0]
+    for lv in levels[1:]:
+        offsets.append(offsets[-1] + lv.shape[-1])
+    coarse = [lv.reshape(-1, lv.shape[-1]) for lv in levels[1:]]
+    # one buffer per role, reused across chunks: fresh multi-MB tensors per chunk cost
+    # page faults that measured as much as the upsampling itself
+    width = min(chunk, m)
+    acc_buf = torch.empty(p * width, dtype=fine.dtype, device=fine.device)
+    mins: list[torch.Tensor] = []
+    for start in range(0, m, chunk):
+        stop = min(start + chunk, m)
+        mc = stop - start
+        acc = acc_buf[: p * mc].view(p, mc)
+        if not coarse:
+            acc.zero_()
+        for li, c in enumerate(coarse):
+            hl, wl = levels[li + 1].shape[1:3]
+            prod = torch.mm(c, operand[offsets[li] : offsets[li + 1], start:stop])
+            maps = prod.view(n, hl, wl, mc).permute(0, 3, 1, 2)  # channels last
+            if li == 0:  # straight into the accumulator (F.interpolate's kernel, out=)
+                _upsample_bilinear_out(
+                    maps, [h, w], False, None, None, out=acc.view(n, h, w, mc).permute(0, 3, 1, 2)
+                )
+            else:
+                up = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+                acc.add_(up.permute(0, 2, 3, 1).reshape(p, mc))
+        acc.addmm_(qa, operand[: 1 + d0, start:stop])
+        mins.append(acc.amin(dim=1))
+    best = mins[0] if len(mins) == 1 else torch.stack(mins, dim=1).amin(dim=1)
+    return (best + queries_sq).clamp_min(0.0).sqrt()
 
 
 def knn_bank(bank: torch.Tensor, k: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:

@@ -116,3 +116,27 @@ def test_unknown_rule_is_refused() -> None:
     """An unknown image score rule fails at construction, naming it."""
     with pytest.raises(ValueError, match="median"):
         make("median")
+
+
+@pytest.mark.parametrize("rule", ["max", "topk_mean"])
+def test_forward_searches_per_level_with_the_same_values(rule: str) -> None:
+    """``forward`` takes the factored search (two levels, no projection, no index) and
+    returns ``head(embed(x))``'s map and scores; with a projection it searches directly."""
+    m = make(rule, topk=5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert m.factored(m.embedder.levels(x))
+        amap, score = m(x)
+        ref_map, ref_score = m.head(m.embed(x))
+    assert torch.allclose(score, ref_score, atol=1e-4)
+    assert torch.allclose(amap, ref_map, atol=1e-4)
+    projected = PatchCore(
+        PatchEmbedder(TwoScales(), projection=torch.eye(6)[:, :4]),
+        torch.randn(60, 4, generator=torch.Generator().manual_seed(0)),
+        image_size=32,
+        image_score=rule,
+        topk=5,
+    ).eval()
+    with torch.inference_mode():
+        assert not projected.factored(projected.embedder.levels(x))
+        assert not make("reweighted_max").factored(m.embedder.levels(x))

@@ -7,12 +7,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ngcal.core.patchcore.nn_search import (  # noqa: E402
+    factored_flops,
     gemm_operand,
     knn_bank,
     nearest,
     nearest_cdist,
     nearest_distance,
     nearest_distance_gemm,
+    nearest_distance_levels,
+    squared_norms,
 )
 
 pytestmark = pytest.mark.torch
@@ -81,3 +84,61 @@ def test_knn_bank_itself_first_then_sorted() -> None:
     assert nb[:, 0].tolist() == list(range(120))
     ref = torch.cdist(bank, bank).topk(5, dim=1, largest=False).indices
     assert torch.equal(nb[:, 1:], ref[:, 1:])
+
+
+def _levels(n: int, sizes: list[tuple[int, int, int]], seed: int) -> list[torch.Tensor]:
+    """Random feature levels [n, D_l, h_l, w_l] (NCHW, channels-last memory like the backbone's)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, d, h, w, generator=g) * 2).contiguous(memory_format=torch.channels_last)
+        for d, h, w in sizes
+    ]
+
+
+def _concat(levels: list[torch.Tensor]) -> torch.Tensor:
+    """PatchEmbedder's concatenation: coarser levels upsampled bilinearly to the finest grid."""
+    size = levels[0].shape[-2:]
+    ups = [levels[0]] + [
+        torch.nn.functional.interpolate(lv, size=size, mode="bilinear", align_corners=False)
+        for lv in levels[1:]
+    ]
+    return torch.cat(ups, dim=1).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "chunk"),
+    [
+        ([(5, 16, 16), (7, 8, 8)], 7),  # two levels, stride ratio 2, chunks not dividing M
+        ([(5, 16, 16), (7, 8, 8)], 1000),  # one chunk
+        ([(4, 12, 12), (3, 6, 6), (6, 3, 3)], 33),  # three levels (ratios 2 and 4)
+        ([(6, 10, 10)], 64),  # a single level: the fine GEMM alone
+    ],
+)
+def test_level_search_matches_cdist_on_the_concatenated_features(
+    sizes: list[tuple[int, int, int]], chunk: int
+) -> None:
+    """Searching per level (coarse products upsampled) gives cdist's distances on the
+    concatenated, upsampled features, for a batch of 3 images."""
+    levels = _levels(3, sizes, seed=len(sizes) + chunk)
+    feats = _concat(levels)
+    q = feats.reshape(-1, feats.shape[-1])
+    g = torch.Generator().manual_seed(9)
+    bank = torch.cat([q[::7] + 0.3 * torch.randn(q[::7].shape, generator=g), q[1::11]])
+    got = nearest_distance_levels(
+        [lv.permute(0, 2, 3, 1) for lv in levels], gemm_operand(bank), squared_norms(q), chunk=chunk
+    )
+    ref = torch.cdist(q.double(), bank.double()).amin(dim=1).float()
+    assert got.shape == (q.shape[0],)
+    away = torch.ones(q.shape[0], dtype=torch.bool)
+    away[1::11] = False  # queries that are bank rows: ~0, where fp32 rounding is sqrt-amplified
+    assert torch.allclose(got[away], ref[away], atol=1e-4)
+    assert torch.allclose(got[away], nearest_cdist(q, bank)[0][away], atol=1e-4)
+    assert torch.all(got[~away] < 1e-2) and not torch.isnan(got).any()
+
+
+def test_factored_flops_counts_multiply_adds() -> None:
+    """Lite0's two levels (40 ch at 32x32, 112 at 16x16): the factored search needs 45%."""
+    direct, factored = factored_flops([(32, 32), (16, 16)], [40, 112])
+    assert direct == 1024 * 153
+    assert factored == 1024 * 41 + 256 * 112
+    assert 0.44 < factored / direct < 0.46
