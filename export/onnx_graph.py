@@ -50,7 +50,7 @@ from ngcal.core.patchcore.nn_search import nearest_distance_gemm
 from torch import nn
 from torch.nn import functional as F
 
-from .onnx_passes import fold_pads_into_convs
+from .onnx_passes import fold_pads_into_convs, resize_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,17 @@ class ExportPatchCore(nn.Module):
         if self.need_index:
             self.register_buffer("bank_t_neg2", (-2.0 * bank).t().contiguous())
             self.register_buffer("bank_sq", (bank * bank).sum(dim=1).contiguous())
+        with torch.inference_mode():
+            levels = pc.embedder.levels(torch.zeros(1, 3, pc.image_size, pc.image_size))
+        fine_hw = levels[0].shape[-2:]
+        self.level_shapes = [
+            (int(lv.shape[1]), int(lv.shape[2]), int(lv.shape[3])) for lv in levels
+        ]
+        # the factored search when the model's own forward takes it and every coarse grid
+        # divides the patch grid (integer Resize scales, see nearest_levels)
+        self.factored = pc.factored(levels) and all(
+            fine_hw[0] % lv.shape[2] == 0 and fine_hw[1] % lv.shape[3] == 0 for lv in levels[1:]
+        )
         ops = map_operators(pc, self.grid) if fast_map else None
         self.fast_map = ops is not None
         a_y, a_x = ops if ops is not None else (torch.zeros(0, 0), torch.zeros(0, 0))
@@ -195,11 +206,66 @@ class ExportPatchCore(nn.Module):
         best = best + (q * q).sum(dim=1)
         return best.clamp_min(0.0).sqrt(), idx
 
+    def nearest_levels(self, levels: list[torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
+        """``nn_search.nearest_distance_levels`` for the graph: levels [N, D_l, h_l, w_l],
+        feats [N, h, w, D] -> distance [N * h * w].
+
+        Per bank chunk: the coarse products [N, h_l, w_l, mc] are upsampled with bank rows
+        as the LAST axis (``onnx_passes.resize_channels_last`` turns the traced
+        Transpose-Resize-Transpose into one Resize over axes 1 and 2: onnxruntime's
+        bilinear Resize over 256 channels-first maps took 6x as long) and passed as C of
+        the fine Gemm (no Add pass), then reduced over the last axis. Integer scales give
+        F.interpolate's size mapping exactly (``half_pixel``). Every size but N is a
+        Python int from ``__init__``, so the operand blocks fold into constants."""
+        (d0, h, w), coarse_shapes = self.level_shapes[0], self.level_shapes[1:]
+        fine = levels[0].permute(0, 2, 3, 1).reshape(-1, d0)
+        fine = torch.cat([torch.ones_like(fine[:, :1]), fine], dim=1)
+        coarse = [
+            lv.permute(0, 2, 3, 1).reshape(-1, dl)
+            for lv, (dl, _, _) in zip(levels[1:], coarse_shapes, strict=True)
+        ]
+        offsets = [1 + d0]
+        for dl, _, _ in coarse_shapes:
+            offsets.append(offsets[-1] + dl)
+        op = self.pc.bank_gemm
+        m = int(op.shape[1])
+        mins: list[torch.Tensor] = []
+        for start in range(0, m, self.chunk):
+            stop = min(start + self.chunk, m)
+            mc = stop - start
+            up_sum: torch.Tensor | None = None
+            for li, c in enumerate(coarse):
+                _, hl, wl = coarse_shapes[li]
+                prod = torch.matmul(c, op[offsets[li] : offsets[li + 1], start:stop])
+                up = F.interpolate(
+                    prod.reshape(-1, hl, wl, mc).permute(0, 3, 1, 2),
+                    scale_factor=(float(h // hl), float(w // wl)),
+                    mode="bilinear",
+                    align_corners=False,
+                    recompute_scale_factor=False,
+                )
+                up = up.permute(0, 2, 3, 1).reshape(-1, mc)
+                up_sum = up if up_sum is None else up_sum + up
+            fine_op = op[: 1 + d0, start:stop]
+            # Gemm with the upsampled products as C: no separate Add pass
+            if up_sum is None:
+                block = torch.matmul(fine, fine_op)
+            else:
+                block = torch.addmm(up_sum, fine, fine_op)
+            mins.append(block.amin(dim=1))
+        best = mins[0] if len(mins) == 1 else torch.stack(mins, dim=1).amin(dim=1)
+        best = best + (feats * feats).sum(dim=-1).reshape(-1)
+        return best.clamp_min(0.0).sqrt()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
-        feats = self.embedder(x)
+        levels = self.embedder.levels(x)
+        feats = self.embedder.combine(levels)
         n, h, w, d = feats.shape
-        dist, idx = self.nearest(feats.reshape(n * h * w, d))
+        if self.factored:
+            dist, idx = self.nearest_levels(levels, feats), None
+        else:
+            dist, idx = self.nearest(feats.reshape(n * h * w, d))
         dist = dist.reshape(n, h * w)
         if idx is not None:
             idx = idx.reshape(n, h * w)
@@ -270,7 +336,7 @@ def export_onnx(
         except Exception as e:
             raise ArtifactError(f"{out}: ONNX export failed ({type(e).__name__}: {e})") from e
     model = onnx.load(str(out))
-    if fold_pads_into_convs(model):
+    if fold_pads_into_convs(model) + resize_channels_last(model):
         onnx.save(model, str(out))
     onnx.checker.check_model(model)
     written = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

@@ -1,4 +1,5 @@
-"""Rewrites of the exported ONNX graph that keep its function and make onnxruntime faster.
+"""Rewrites of the exported ONNX graph that keep its function and make onnxruntime faster:
+``fold_pads_into_convs`` and ``resize_channels_last``.
 
 ``fold_pads_into_convs``: TF-"same" padding (EfficientNet-Lite's stride-2 convolutions,
 ``timm`` ``Conv2dSame``) exports as an explicit zero ``Pad`` before the ``Conv``, often
@@ -125,6 +126,61 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         remove_dead_nodes(model)
         log.info("folded %d Pad node(s) into Conv pads", len(folded))
     return len(folded)
+
+
+def resize_channels_last(model: onnx.ModelProto) -> int:
+    """Rewrite ``Transpose(0,3,1,2) -> Resize(scales [1, 1, a, b]) -> Transpose(0,2,3,1)``
+    as one ``Resize(scales [1, a, b, 1])`` on the channels-last tensor; returns how many.
+
+    The export's factored search upsamples product maps whose channels are bank rows: in
+    channels-last layout onnxruntime's bilinear Resize is 6x faster than over the
+    channels-first maps the traced graph has (0.1 vs 0.6 ms for 256 maps of 16x16 -> 32x32),
+    and both Transposes (full copies) go. The same numbers: Resize is separable per axis,
+    and each axis keeps its scale. Only constant scales, and only when each intermediate
+    tensor has the one reader, are rewritten."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    rewritten: list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]] = []
+    for resize in g.node:
+        if resize.op_type != "Resize" or len(resize.input) < 3 or not resize.input[2]:
+            continue
+        if len(resize.input) > 3 and resize.input[3]:
+            continue  # sizes given: not this pattern
+        first = producer.get(resize.input[0])
+        readers = consumers.get(resize.output[0], [])
+        if first is None or first.op_type != "Transpose" or len(readers) != 1:
+            continue
+        second = readers[0]
+        if second.op_type != "Transpose" or len(consumers.get(first.output[0], [])) != 1:
+            continue
+        if _attribute(first, "perm") != [0, 3, 1, 2] or _attribute(second, "perm") != [0, 2, 3, 1]:
+            continue
+        if {first.output[0], resize.output[0]} & outputs:
+            continue
+        scales = _constant_value(model, resize.input[2])
+        if scales is None or scales.shape != (4,) or scales[0] != 1 or scales[1] != 1:
+            continue
+        rewritten.append((first, resize, second))
+    for first, resize, second in rewritten:
+        a, b = (float(v) for v in _constant_value(model, resize.input[2])[2:])  # type: ignore[index]
+        name = f"{resize.name or resize.output[0]}_scales_nhwc"
+        g.initializer.append(
+            numpy_helper.from_array(np.array([1.0, a, b, 1.0], dtype=np.float32), name)
+        )
+        resize.input[0] = first.input[0]
+        resize.input[2] = name
+        resize.output[0] = second.output[0]
+        g.node.remove(first)
+        g.node.remove(second)
+    if rewritten:
+        remove_dead_nodes(model)
+        log.info("rewrote %d channels-first Resize(s) as channels-last", len(rewritten))
+    return len(rewritten)
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

@@ -99,3 +99,56 @@ def test_dead_node_removal_keeps_what_outputs_need() -> None:
     assert remove_dead_nodes(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Constant", "Constant", "Pad", "Conv"]
     assert {i.name for i in model.graph.initializer} == {"w", "b"}
+
+
+def _transpose_resize_model(perm_in: list[int], scales: list[float]) -> onnx.ModelProto:
+    """x [1,4,4,6] -> Transpose(perm_in) -> Resize(scales, linear, half_pixel) -> Transpose back."""
+    back = [perm_in.index(i) for i in range(4)]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=perm_in),
+        helper.make_node(
+            "Resize",
+            ["t", "", "scales"],
+            ["r"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
+        helper.make_node("Transpose", ["r"], ["y"], perm=back),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, None, 6])],
+        [numpy_helper.from_array(np.array(scales, dtype=np.float32), "scales")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_channels_first_resize_becomes_one_channels_last_resize() -> None:
+    from ngcal.export.onnx_passes import resize_channels_last
+
+    model = _transpose_resize_model([0, 3, 1, 2], [1.0, 1.0, 2.0, 2.0])
+    x = np.random.default_rng(2).normal(size=(1, 4, 4, 6)).astype(np.float32)
+    before = _run(model, x)
+    assert resize_channels_last(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Resize"]
+    after = _run(model, x)
+    assert after[0].shape == (1, 8, 8, 6)
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("perm", "scales"),
+    [
+        ([0, 2, 3, 1], [1.0, 1.0, 2.0, 2.0]),  # another layout change
+        ([0, 3, 1, 2], [1.0, 2.0, 2.0, 2.0]),  # scales the channel axis too
+    ],
+)
+def test_other_transpose_resize_patterns_are_left(perm: list[int], scales: list[float]) -> None:
+    from ngcal.export.onnx_passes import resize_channels_last
+
+    model = _transpose_resize_model(perm, scales)
+    assert resize_channels_last(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Transpose", "Resize", "Transpose"]
