@@ -14,9 +14,11 @@ object on stdout (progress on stderr):
 * ``scorer_rss_mb``: peak RSS of a subprocess that only opens the bundle, decodes and
   scores images with onnxruntime, and asserts torch was never imported. Goal < 400.
 * ``nn_over_flop_bound``: onnxruntime time of the nearest-neighbour part alone (the
-  exported search on one image's real patch features) over its FLOP bound, 2*P*M*D flops
-  at the GFLOP/s of a big fp32 matmul measured in this run (best of torch and
-  onnxruntime, same thread count). Goal <= 2.
+  bundle's own search on one image's real patch features: per feature level where the
+  export factors it) over its FLOP bound, its matmul flops (``nn_gflop``: 2*M*(P*(1+D_0)
+  + P_1*D_1) factored, 2*P*M*(D+1) direct) at the GFLOP/s of a big fp32 matmul measured
+  in this run (best of torch and onnxruntime, same thread count). Goal <= 2.
+  ``nn_over_direct_flop_bound``: the same time over one full-width GEMM's bound.
 * ``image_auroc``: the bundle's image AUROC on the test split (onnxruntime scores).
 * ``speedup_vs_anomalib_ort``: 32 ms (anomalib 2.7 PatchCore, ONNX, ORT CPU, batch 1,
   2 threads, ``anchors.md``) over ``ort_p50_ms``. Goal >= 3 at AUROC >= 0.862.
@@ -201,12 +203,18 @@ def _ort_options(threads: int) -> object:
 
 
 def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
-    """onnxruntime p50 of the exported nearest-neighbour search alone on one image's patches."""
+    """onnxruntime p50 of the exported nearest-neighbour search alone on one image's patches:
+    the bundle's own form (per feature level where the export factors it, with the same
+    graph rewrite), and its matmul FLOPs (``nn_gflop``; ``nn_gflop_direct`` for one
+    full-width GEMM)."""
     import warnings
 
+    import onnx
     import onnxruntime as ort
     import torch
+    from ngcal.core.patchcore.nn_search import factored_flops
     from ngcal.export.onnx_graph import ExportPatchCore
+    from ngcal.export.onnx_passes import resize_channels_last
 
     exp = ExportPatchCore(pc).eval()
 
@@ -215,24 +223,52 @@ def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str
             out: torch.Tensor = exp.nearest(q)[0]
             return out
 
+    class Levels(torch.nn.Module):
+        def forward(
+            self, fine: torch.Tensor, coarse: torch.Tensor, feats: torch.Tensor
+        ) -> torch.Tensor:
+            return exp.nearest_levels([fine, coarse], feats)
+
     with torch.inference_mode():
-        feats = exp.pc.embed(torch.from_numpy(x1))
+        levels = exp.embedder.levels(torch.from_numpy(x1))
+        feats = exp.embedder.combine(levels)
     q = feats.reshape(-1, feats.shape[-1]).contiguous()
+    factored = bool(exp.factored) and len(levels) == 2
+    if factored:
+        module: torch.nn.Module = Levels()
+        args = tuple(t.contiguous() for t in (levels[0], levels[1], feats))
+        names = ["fine", "coarse", "feats"]
+    else:
+        module, args, names = NN(), (q,), ["q"]
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(d) / "nn.onnx"
         with torch.no_grad():
             torch.onnx.export(
-                NN(), (q,), str(path), input_names=["q"], opset_version=17, dynamo=False
+                module, args, str(path), input_names=names, opset_version=17, dynamo=False
             )
+        model = onnx.load(str(path))
+        if resize_channels_last(model):
+            onnx.save(model, str(path))
         sess = ort.InferenceSession(
             str(path), _ort_options(threads), providers=["CPUExecutionProvider"]
         )
-    qn = q.numpy()
-    p50, _ = stats_ms(timed(lambda a: sess.run(None, {"q": a}), [qn], repeats))
+    feed = [{n: a.numpy() for n, a in zip(names, args, strict=True)}]
+    p50, _ = stats_ms(timed(lambda f: sess.run(None, f), feed, repeats))
     p, d = q.shape
     m = exp.bank_rows
-    return {"nn_ms": p50, "nn_gflop": 2.0 * p * m * d / 1e9, "patches": p, "bank_rows": m, "dim": d}
+    grids = [(int(lv.shape[2]), int(lv.shape[3])) for lv in levels]
+    direct, fact = factored_flops(grids, [int(lv.shape[1]) for lv in levels])
+    per_image = fact if factored else direct
+    return {
+        "nn_ms": p50,
+        "nn_gflop": 2.0 * m * per_image / 1e9,
+        "nn_gflop_direct": 2.0 * m * direct / 1e9,
+        "nn_factored": float(factored),
+        "patches": p,
+        "bank_rows": m,
+        "dim": d,
+    }
 
 
 def scorer_rss(bundle: Path, paths: list[Path], threads: int) -> dict[str, float]:
@@ -513,6 +549,9 @@ def main() -> None:
         "nn_flop_bound_ms": bound_ms,
         "nn_over_flop_bound": nn["nn_ms"] / bound_ms,
         "nn_gflop": nn["nn_gflop"],
+        "nn_gflop_direct": nn["nn_gflop_direct"],
+        "nn_factored": bool(nn["nn_factored"]),
+        "nn_over_direct_flop_bound": nn["nn_ms"] / (nn["nn_gflop_direct"] / gflops * 1e3),
         "matmul_gflops": mm,
         "image_auroc": default["image_auroc"],
         "speedup_vs_anomalib_ort": ANOMALIB_ORT_MS / ort_res["p50_ms"],
