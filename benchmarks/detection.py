@@ -93,7 +93,6 @@ def compare_rules(
     from ngcal.core.metrics import auroc
     from ngcal.core.patchcore.io import load_batch
     from ngcal.core.patchcore.nn_search import (
-        LEVELS_CHUNK,
         nearest,
         nearest_cdist,
         nearest_distance_gemm,
@@ -130,10 +129,7 @@ def compare_rules(
             t0 = time.perf_counter()
             if factored:  # the product's path (PatchCore.forward)
                 d = nearest_distance_levels(
-                    [lv.permute(0, 2, 3, 1) for lv in levels],
-                    m.bank_gemm,
-                    squared_norms(q),
-                    chunk=LEVELS_CHUNK,
+                    [lv.permute(0, 2, 3, 1) for lv in levels], m.bank_blocks, squared_norms(q)
                 )
             else:
                 d = nearest_distance_gemm(q, m.bank_gemm, chunk=m.chunk)

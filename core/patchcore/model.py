@@ -28,6 +28,7 @@ from .nn_search import (
     DEFAULT_CHUNK,
     LEVELS_CHUNK,
     factored_flops,
+    gemm_blocks,
     gemm_operand,
     knn_bank,
     nearest,
@@ -115,6 +116,7 @@ class PatchCore(nn.Module):
     memory_bank: torch.Tensor
     bank_sq: torch.Tensor
     bank_gemm: torch.Tensor
+    bank_blocks: torch.Tensor
     bank_neighbors: torch.Tensor
     gauss: torch.Tensor
 
@@ -146,6 +148,13 @@ class PatchCore(nn.Module):
         self.register_buffer("bank_neighbors", knn_bank(bank, self.reweight_neighbors))
         # derived from the bank at load time; never saved (the bank file is the artifact)
         self.register_buffer("bank_gemm", gemm_operand(bank, self.bank_sq), persistent=False)
+        # the per-level search's operand (``forward``), only where the levels stay separable
+        blocks = (
+            gemm_blocks(self.bank_gemm, LEVELS_CHUNK)
+            if not embedder.has_projection
+            else torch.zeros(0, 0, 0)
+        )
+        self.register_buffer("bank_blocks", blocks, persistent=False)
         self.register_buffer(
             "gauss", gaussian_kernel1d(smoothing_sigma) if smoothing_sigma > 0 else torch.ones(1)
         )
@@ -256,8 +265,7 @@ class PatchCore(nn.Module):
         n, h, w, d = feats.shape
         dist = nearest_distance_levels(
             [lv.permute(0, 2, 3, 1) for lv in levels],
-            self.bank_gemm,
+            self.bank_blocks,
             squared_norms(feats.reshape(-1, d)),
-            chunk=LEVELS_CHUNK,
         ).reshape(n, h * w)
         return self.anomaly_map(dist, (h, w)), self.image_scores(feats, dist, None)

@@ -160,12 +160,20 @@ def factored_flops(grids: Sequence[tuple[int, int]], dims: Sequence[int]) -> tup
     return direct, factored
 
 
+def gemm_blocks(operand: torch.Tensor, chunk: int = LEVELS_CHUNK) -> torch.Tensor:
+    """``gemm_operand`` cut into contiguous bank blocks [ceil(M / chunk), 1 + D, chunk]; the
+    last block is padded with columns whose norm row is +inf (and features 0), so they are
+    never the nearest. Contiguous blocks measured ~9% faster than strided chunk views."""
+    rows, m = operand.shape
+    nb = -(-m // chunk)
+    padded = torch.zeros(rows, nb * chunk, dtype=operand.dtype, device=operand.device)
+    padded[0] = float("inf")
+    padded[:, :m] = operand
+    return padded.view(rows, nb, chunk).permute(1, 0, 2).contiguous()
+
+
 def nearest_distance_levels(
-    levels: Sequence[torch.Tensor],
-    operand: torch.Tensor,
-    queries_sq: torch.Tensor,
-    *,
-    chunk: int = DEFAULT_CHUNK,
+    levels: Sequence[torch.Tensor], blocks: torch.Tensor, queries_sq: torch.Tensor
 ) -> torch.Tensor:
     """``nearest_distance`` for patch features built from feature levels, without building
     the products at the upsampled positions: distance [N * h * w] to the nearest bank row.
@@ -174,47 +182,42 @@ def nearest_distance_levels(
     coarser maps that enter each patch feature bilinearly upsampled to (h, w)
     (``align_corners=False``), concatenated in this order (``PatchEmbedder``). Upsampling
     is linear, so ``up(c) . b = up(c . b)``: the coarse products are computed at the
-    h_l * w_l coarse positions and the [h_l, w_l] product maps are upsampled (channels
+    h_l * w_l coarse positions and the [h_l, w_l] product maps upsampled (channels
     last, the fast layout for torch's CPU kernel), then the fine GEMM accumulates into them
     (``addmm_``). For Lite0 (40 channels at stride 8, 112 at 16) that is 45% of the direct
-    GEMM's multiply-adds. ``operand`` is ``gemm_operand(bank)``; ``queries_sq`` [N * h * w]
-    the squared norms of the concatenated features. Exact up to fp32 rounding (tests:
-    against ``torch.cdist``).
+    GEMM's multiply-adds. ``blocks`` is ``gemm_blocks(gemm_operand(bank))``; ``queries_sq``
+    [N * h * w] the squared norms of the concatenated features. Exact up to fp32 rounding
+    (tests: against float64 ``torch.cdist``).
     """
     n, h, w, d0 = levels[0].shape
     p = n * h * w
-    m = operand.shape[1]
+    chunk = blocks.shape[2]
     fine = levels[0].reshape(p, d0)
     qa = torch.cat([torch.ones_like(fine[:, :1]), fine], dim=1)
     offsets = [1 + d0]
     for lv in levels[1:]:
         offsets.append(offsets[-1] + lv.shape[-1])
     coarse = [lv.reshape(-1, lv.shape[-1]) for lv in levels[1:]]
-    # one buffer per role, reused across chunks: fresh multi-MB tensors per chunk cost
-    # page faults that measured as much as the upsampling itself
-    width = min(chunk, m)
-    acc_buf = torch.empty(p * width, dtype=fine.dtype, device=fine.device)
-    mins: list[torch.Tensor] = []
-    for start in range(0, m, chunk):
-        stop = min(start + chunk, m)
-        mc = stop - start
-        acc = acc_buf[: p * mc].view(p, mc)
+    # buffers reused across blocks: fresh multi-MB tensors per block cost page faults that
+    # measured as much as the upsampling itself
+    acc = torch.empty(p, chunk, dtype=fine.dtype, device=fine.device)
+    acc_nchw = acc.view(n, h, w, chunk).permute(0, 3, 1, 2)  # channels last
+    mins = torch.empty(blocks.shape[0], p, dtype=fine.dtype, device=fine.device)
+    for i in range(blocks.shape[0]):
         if not coarse:
             acc.zero_()
         for li, c in enumerate(coarse):
             hl, wl = levels[li + 1].shape[1:3]
-            prod = torch.mm(c, operand[offsets[li] : offsets[li + 1], start:stop])
-            maps = prod.view(n, hl, wl, mc).permute(0, 3, 1, 2)  # channels last
+            prod = torch.mm(c, blocks[i, offsets[li] : offsets[li + 1]])
+            maps = prod.view(n, hl, wl, chunk).permute(0, 3, 1, 2)  # channels last
             if li == 0:  # straight into the accumulator (F.interpolate's kernel, out=)
-                _upsample_bilinear_out(
-                    maps, [h, w], False, None, None, out=acc.view(n, h, w, mc).permute(0, 3, 1, 2)
-                )
+                _upsample_bilinear_out(maps, [h, w], False, None, None, out=acc_nchw)
             else:
                 up = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
-                acc.add_(up.permute(0, 2, 3, 1).reshape(p, mc))
-        acc.addmm_(qa, operand[: 1 + d0, start:stop])
-        mins.append(acc.amin(dim=1))
-    best = mins[0] if len(mins) == 1 else torch.stack(mins, dim=1).amin(dim=1)
+                acc.add_(up.permute(0, 2, 3, 1).reshape(p, chunk))
+        acc.addmm_(qa, blocks[i, : 1 + d0])
+        torch.amin(acc, dim=1, out=mins[i])
+    best = mins.amin(dim=0)
     return (best + queries_sq).clamp_min(0.0).sqrt()
 
 

@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 
 from ngcal.core.patchcore.nn_search import (  # noqa: E402
     factored_flops,
+    gemm_blocks,
     gemm_operand,
     knn_bank,
     nearest,
@@ -124,8 +125,10 @@ def test_level_search_matches_cdist_on_the_concatenated_features(
     q = feats.reshape(-1, feats.shape[-1])
     g = torch.Generator().manual_seed(9)
     bank = torch.cat([q[::7] + 0.3 * torch.randn(q[::7].shape, generator=g), q[1::11]])
+    blocks = gemm_blocks(gemm_operand(bank), chunk)
+    assert blocks.shape[0] == -(-bank.shape[0] // chunk)  # the last block padded
     got = nearest_distance_levels(
-        [lv.permute(0, 2, 3, 1) for lv in levels], gemm_operand(bank), squared_norms(q), chunk=chunk
+        [lv.permute(0, 2, 3, 1) for lv in levels], blocks, squared_norms(q)
     )
     ref = torch.cdist(q.double(), bank.double()).amin(dim=1).float()
     assert got.shape == (q.shape[0],)
