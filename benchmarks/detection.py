@@ -96,8 +96,6 @@ def compare_rules(
         nearest,
         nearest_cdist,
         nearest_distance_gemm,
-        nearest_distance_levels,
-        squared_norms,
     )
 
     m = loaded.module
@@ -128,9 +126,7 @@ def compare_rules(
             factored = m.factored(levels)
             t0 = time.perf_counter()
             if factored:  # the product's path (PatchCore.forward)
-                d = nearest_distance_levels(
-                    [lv.permute(0, 2, 3, 1) for lv in levels], m.bank_blocks, squared_norms(q)
-                )
+                d = m.level_patch_scores(levels, feats).reshape(-1)
             else:
                 d = nearest_distance_gemm(q, m.bank_gemm, chunk=m.chunk)
             t1 = time.perf_counter()

@@ -163,24 +163,25 @@ class ExportPatchCore(nn.Module):
         self.pc = pc
         # the graph's input size is fixed: TF-"same" padding becomes constant, and foldable
         self.embedder = static_same_padding(pc.embedder, pc.image_size)
-        self.grid = feature_grid(pc)
-        bank = pc.memory_bank.float()
-        self.chunk = int(chunk)
-        self.bank_rows = int(bank.shape[0])
-        self.need_index = pc.image_score == "reweighted_max"
-        if self.need_index:
-            self.register_buffer("bank_t_neg2", (-2.0 * bank).t().contiguous())
-            self.register_buffer("bank_sq", (bank * bank).sum(dim=1).contiguous())
         with torch.inference_mode():
             levels = pc.embedder.levels(torch.zeros(1, 3, pc.image_size, pc.image_size))
-        fine_hw = levels[0].shape[-2:]
+        #: (D_l, h_l, w_l) of each feature level, finest (the patch grid) first
         self.level_shapes = [
             (int(lv.shape[1]), int(lv.shape[2]), int(lv.shape[3])) for lv in levels
         ]
+        _, h, w = self.level_shapes[0]
+        self.grid = (h, w)
+        bank = pc.memory_bank.float()
+        self.chunk = int(chunk)
+        self.bank_rows = int(bank.shape[0])
+        self.need_index = pc.needs_index
+        if self.need_index:
+            self.register_buffer("bank_t_neg2", (-2.0 * bank).t().contiguous())
+            self.register_buffer("bank_sq", (bank * bank).sum(dim=1).contiguous())
         # the factored search when the model's own forward takes it and every coarse grid
         # divides the patch grid (integer Resize scales, see nearest_levels)
         self.factored = pc.factored(levels) and all(
-            fine_hw[0] % lv.shape[2] == 0 and fine_hw[1] % lv.shape[3] == 0 for lv in levels[1:]
+            h % hl == 0 and w % wl == 0 for _, hl, wl in self.level_shapes[1:]
         )
         ops = map_operators(pc, self.grid) if fast_map else None
         self.fast_map = ops is not None

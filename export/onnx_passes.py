@@ -145,7 +145,7 @@ def resize_channels_last(model: onnx.ModelProto) -> int:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
-    rewritten: list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]] = []
+    rewritten: list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto, np.ndarray]] = []
     for resize in g.node:
         if resize.op_type != "Resize" or len(resize.input) < 3 or not resize.input[2]:
             continue
@@ -165,9 +165,9 @@ def resize_channels_last(model: onnx.ModelProto) -> int:
         scales = _constant_value(model, resize.input[2])
         if scales is None or scales.shape != (4,) or scales[0] != 1 or scales[1] != 1:
             continue
-        rewritten.append((first, resize, second))
-    for first, resize, second in rewritten:
-        a, b = (float(v) for v in _constant_value(model, resize.input[2])[2:])  # type: ignore[index]
+        rewritten.append((first, resize, second, scales))
+    for first, resize, second, scales in rewritten:
+        a, b = (float(v) for v in scales[2:])
         name = f"{resize.name or resize.output[0]}_scales_nhwc"
         g.initializer.append(
             numpy_helper.from_array(np.array([1.0, a, b, 1.0], dtype=np.float32), name)

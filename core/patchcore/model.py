@@ -262,10 +262,17 @@ class PatchCore(nn.Module):
         feats = self.embedder.combine(levels)
         if not self.factored(levels):
             return self.head(feats)
+        dist = self.level_patch_scores(levels, feats)
+        grid = (feats.shape[1], feats.shape[2])
+        return self.anomaly_map(dist, grid), self.image_scores(feats, dist, None)
+
+    def level_patch_scores(self, levels: list[torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
+        """``patch_scores``' distances [N, h*w], searched per feature level
+        (``nearest_distance_levels``; only where ``factored(levels)``). levels from
+        ``embedder.levels``, feats [N, h, w, D] their ``combine``."""
         n, h, w, d = feats.shape
-        dist = nearest_distance_levels(
+        return nearest_distance_levels(
             [lv.permute(0, 2, 3, 1) for lv in levels],
             self.bank_blocks,
             squared_norms(feats.reshape(-1, d)),
         ).reshape(n, h * w)
-        return self.anomaly_map(dist, (h, w)), self.image_scores(feats, dist, None)
