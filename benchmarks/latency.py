@@ -20,6 +20,13 @@ object on stdout (progress on stderr):
   onnxruntime, same thread count). Goal <= 2. The factored search needs fewer flops
   (``nn_gflop_own``: 2*M*(P*(1+D_0) + P_1*D_1)); ``nn_over_own_flop_bound`` is the same
   time over that smaller bound (how efficiently its own arithmetic runs).
+* ``ort_backbone_ms``/``torch_backbone_ms``: the backbone part alone (image -> pooled
+  feature levels) in each runtime, and ``torch_nn_ms`` torch's own search, timed
+  interleaved. ``ort_over_torch_floor`` = ``ort_backbone_ms / torch_backbone_ms``: the
+  lowest ``ort_over_torch_p50`` reachable while the exact search costs both runtimes
+  alike ((a + S) / (b + S) >= a / b for a <= b). ``ort_over_torch_floor_at_flop_bound``:
+  the ratio if onnxruntime ran its backbone as measured and its search at the search's
+  own FLOP bound (``nn_gflop_own`` at the big-matmul rate), with nothing else.
 * ``image_auroc``: the bundle's image AUROC on the test split (onnxruntime scores).
 * ``speedup_vs_anomalib_ort``: 32 ms (anomalib 2.7 PatchCore, ONNX, ORT CPU, batch 1,
   2 threads, ``anchors.md``) over ``ort_p50_ms``. Goal >= 3 at AUROC >= 0.862.
@@ -42,7 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +99,7 @@ def stats_ms(samples: list[float], per: int = 1) -> tuple[float, float]:
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
-def timed(fn: object, inputs: list[np.ndarray], repeats: int, warmup: int = 3) -> list[float]:
+def timed(fn: object, inputs: Sequence[object], repeats: int, warmup: int = 3) -> list[float]:
     """Wall time of ``fn(x)`` for each input, cycling through ``inputs`` ``repeats`` times."""
     for i in range(warmup):
         fn(inputs[i % len(inputs)])  # type: ignore[operator]
@@ -177,7 +186,7 @@ def matmul_gflops(threads: int, n: int = 2048) -> dict[str, float]:
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     flops = 2.0 * n**3
     ta = torch.from_numpy(a)
-    torch_best = min(timed(lambda m: torch.mm(m, m), [ta], 5, warmup=1))  # type: ignore[list-item]
+    torch_best = min(timed(lambda m: torch.mm(m, m), [ta], 5, warmup=1))
     g = helper.make_graph(
         [helper.make_node("MatMul", ["a", "a"], ["c"])],
         "mm",
@@ -228,7 +237,8 @@ def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str
         def forward(
             self, fine: torch.Tensor, coarse: torch.Tensor, feats: torch.Tensor
         ) -> torch.Tensor:
-            return exp.nearest_levels([fine, coarse], feats)
+            out: torch.Tensor = exp.nearest_levels([fine, coarse], feats)
+            return out
 
     with torch.inference_mode():
         levels = exp.embedder.levels(torch.from_numpy(x1))
@@ -270,6 +280,82 @@ def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str
         "bank_rows": m,
         "dim": d,
     }
+
+
+def bench_backbone(pc: object, x: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+    """p50 of the backbone part alone (image -> pooled feature levels) in onnxruntime (the
+    export's embedder: static "same" padding folded into the Convs) and in torch eager, and
+    of torch's own search (``level_patch_scores``, or the direct GEMM search), interleaved,
+    one image at a time. Their ratio bounds ``ort_over_torch_p50`` from below whenever the
+    search costs both runtimes the same: (a + S) / (b + S) >= a / b for a <= b."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from ngcal.core.patchcore.nn_search import nearest_distance_gemm
+    from ngcal.export.onnx_graph import ExportPatchCore
+    from ngcal.export.onnx_passes import fold_pads_into_convs
+
+    exp = ExportPatchCore(pc).eval()
+
+    class Backbone(torch.nn.Module):
+        def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+            return list(exp.embedder.levels(image))
+
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(d) / "backbone.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                Backbone(),
+                (torch.from_numpy(x[:1]),),
+                str(path),
+                input_names=["image"],
+                opset_version=17,
+                dynamo=False,
+            )
+        model = onnx.load(str(path))
+        if fold_pads_into_convs(model):
+            onnx.save(model, str(path))
+        sess = ort.InferenceSession(
+            str(path), _ort_options(threads), providers=["CPUExecutionProvider"]
+        )
+    m: Any = pc  # the torch model (PatchCore)
+
+    def torch_backbone(a: np.ndarray) -> object:
+        with torch.inference_mode():
+            return m.embedder.levels(torch.from_numpy(a))
+
+    with torch.inference_mode():
+        feeds = []
+        for i in range(len(x)):
+            levels = m.embedder.levels(torch.from_numpy(x[i : i + 1]))
+            feeds.append((levels, m.embedder.combine(levels)))
+
+    def torch_search(k: int) -> object:
+        levels, feats = feeds[k]
+        with torch.inference_mode():
+            if m.factored(levels):
+                return m.level_patch_scores(levels, feats)
+            q = feats.reshape(-1, feats.shape[-1])
+            return nearest_distance_gemm(q, m.bank_gemm, chunk=m.chunk)
+
+    singles = [x[i : i + 1] for i in range(len(x))]
+    fns = {
+        "ort_backbone": lambda a: sess.run(None, {"image": a}),
+        "torch_backbone": torch_backbone,
+    }
+    times: dict[str, list[float]] = {name: [] for name in [*fns, "torch_nn"]}
+    for fn in fns.values():
+        timed(fn, singles, 0, warmup=3)
+    timed(torch_search, [0], 0, warmup=2)
+    for r in range(repeats):
+        k = r % len(singles)
+        for name, fn in fns.items():
+            times[name] += timed(fn, [singles[k]], 1, warmup=0)
+        times["torch_nn"] += timed(torch_search, [k], 1, warmup=0)
+    return {f"{name}_ms": stats_ms(t)[0] for name, t in times.items()}
 
 
 def scorer_rss(bundle: Path, paths: list[Path], threads: int) -> dict[str, float]:
@@ -512,6 +598,8 @@ def main() -> None:
     nn = bench_nn(loaded.module, x[:1], args.threads, args.repeats)
     bound_ms = nn["nn_gflop"] / gflops * 1e3
     log(f"matmul {mm}; nn {nn}; bound {bound_ms:.2f} ms")
+    parts = bench_backbone(loaded.module, x, args.threads, args.repeats)
+    log(f"parts {parts}")
     rss = scorer_rss(bundle_dir, paths, args.threads)
     log(f"scorer subprocess: {rss}")
     spec = bundle.manifest.patchcore
@@ -546,6 +634,14 @@ def main() -> None:
         "ort_over_torch_p50": ort_res["p50_ms"] / torch_res["p50_ms"],
         "scorer_rss_mb": rss["rss_mb"],
         "scorer_torch_imported": rss["torch_imported"],
+        "ort_backbone_ms": parts["ort_backbone_ms"],
+        "torch_backbone_ms": parts["torch_backbone_ms"],
+        "torch_nn_ms": parts["torch_nn_ms"],
+        "ort_over_torch_floor": parts["ort_backbone_ms"] / parts["torch_backbone_ms"],
+        "ort_over_torch_floor_at_flop_bound": (
+            parts["ort_backbone_ms"] + nn["nn_gflop_own"] / gflops * 1e3
+        )
+        / torch_res["p50_ms"],
         "nn_ms": nn["nn_ms"],
         "nn_flop_bound_ms": bound_ms,
         "nn_over_flop_bound": nn["nn_ms"] / bound_ms,

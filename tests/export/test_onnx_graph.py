@@ -33,7 +33,7 @@ def test_exported_graph_matches_torch_for_each_rule(
     pc = _variant(tiny_model, rule)
     m = pc.memory_bank.shape[0]  # type: ignore[attr-defined]
     assert m > 8
-    mod = ExportPatchCore(pc, chunk=4).eval()  # type: ignore[arg-type]
+    mod = ExportPatchCore(pc, chunk=4, levels_chunk=5).eval()  # type: ignore[arg-type]
     x = parity_inputs(_pre(pc))  # type: ignore[arg-type]
     ref = torch_scores(pc, x)
     mine = torch_scores(mod, x)
