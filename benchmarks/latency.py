@@ -212,21 +212,41 @@ def _ort_options(threads: int) -> object:
     return o
 
 
-def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
-    """onnxruntime p50 of the exported nearest-neighbour search alone on one image's patches:
-    the bundle's own form (per feature level where the export factors it, with the same
-    graph rewrite), and its matmul FLOPs (``nn_gflop``; ``nn_gflop_direct`` for one
-    full-width GEMM)."""
+def ort_session_of(
+    module: Any, args: tuple[Any, ...], names: list[str], threads: int, graph_pass: Any
+) -> Any:
+    """An onnxruntime CPU session of ``module`` traced on ``args`` (opset 17, the legacy
+    exporter, as ``ngcal export``), after ``graph_pass(model)`` rewrote the graph the way the
+    export does (it returns how many nodes it changed)."""
     import warnings
 
     import onnx
     import onnxruntime as ort
     import torch
-    from ngcal.core.patchcore.nn_search import factored_flops
-    from ngcal.export.onnx_graph import ExportPatchCore
-    from ngcal.export.onnx_passes import resize_channels_last
 
-    exp = ExportPatchCore(pc).eval()
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(d) / "part.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                module, args, str(path), input_names=names, opset_version=17, dynamo=False
+            )
+        model = onnx.load(str(path))
+        if graph_pass(model):
+            onnx.save(model, str(path))
+        return ort.InferenceSession(
+            str(path), _ort_options(threads), providers=["CPUExecutionProvider"]
+        )
+
+
+def bench_nn(exp: Any, x1: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+    """onnxruntime p50 of the exported nearest-neighbour search alone on one image's patches:
+    the bundle's own form (per feature level where the export factors it, with the same
+    graph rewrite), and its matmul FLOPs (``nn_gflop``; ``nn_gflop_direct`` for one
+    full-width GEMM). ``exp``: the model's ``ExportPatchCore``."""
+    import torch
+    from ngcal.core.patchcore.nn_search import factored_flops
+    from ngcal.export.onnx_passes import resize_channels_last
 
     class NN(torch.nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:
@@ -251,19 +271,7 @@ def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str
         names = ["fine", "coarse", "feats"]
     else:
         module, args, names = NN(), (q,), ["q"]
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(d) / "nn.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                module, args, str(path), input_names=names, opset_version=17, dynamo=False
-            )
-        model = onnx.load(str(path))
-        if resize_channels_last(model):
-            onnx.save(model, str(path))
-        sess = ort.InferenceSession(
-            str(path), _ort_options(threads), providers=["CPUExecutionProvider"]
-        )
+    sess = ort_session_of(module, args, names, threads, resize_channels_last)
     feed = [{n: a.numpy() for n, a in zip(names, args, strict=True)}]
     p50, _ = stats_ms(timed(lambda f: sess.run(None, f), feed, repeats))
     p, d = q.shape
@@ -282,64 +290,43 @@ def bench_nn(pc: object, x1: np.ndarray, threads: int, repeats: int) -> dict[str
     }
 
 
-def bench_backbone(pc: object, x: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+def bench_backbone(
+    pc: Any, exp: Any, x: np.ndarray, threads: int, repeats: int
+) -> dict[str, float]:
     """p50 of the backbone part alone (image -> pooled feature levels) in onnxruntime (the
     export's embedder: static "same" padding folded into the Convs) and in torch eager, and
     of torch's own search (``level_patch_scores``, or the direct GEMM search), interleaved,
     one image at a time. Their ratio bounds ``ort_over_torch_p50`` from below whenever the
-    search costs both runtimes the same: (a + S) / (b + S) >= a / b for a <= b."""
-    import warnings
-
-    import onnx
-    import onnxruntime as ort
+    search costs both runtimes the same: (a + S) / (b + S) >= a / b for a <= b.
+    ``pc``: the torch model (PatchCore); ``exp``: its ``ExportPatchCore``."""
     import torch
     from ngcal.core.patchcore.nn_search import nearest_distance_gemm
-    from ngcal.export.onnx_graph import ExportPatchCore
     from ngcal.export.onnx_passes import fold_pads_into_convs
-
-    exp = ExportPatchCore(pc).eval()
 
     class Backbone(torch.nn.Module):
         def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
             return list(exp.embedder.levels(image))
 
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(d) / "backbone.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                Backbone(),
-                (torch.from_numpy(x[:1]),),
-                str(path),
-                input_names=["image"],
-                opset_version=17,
-                dynamo=False,
-            )
-        model = onnx.load(str(path))
-        if fold_pads_into_convs(model):
-            onnx.save(model, str(path))
-        sess = ort.InferenceSession(
-            str(path), _ort_options(threads), providers=["CPUExecutionProvider"]
-        )
-    m: Any = pc  # the torch model (PatchCore)
+    args = (torch.from_numpy(x[:1]),)
+    sess = ort_session_of(Backbone(), args, ["image"], threads, fold_pads_into_convs)
 
     def torch_backbone(a: np.ndarray) -> object:
         with torch.inference_mode():
-            return m.embedder.levels(torch.from_numpy(a))
+            return pc.embedder.levels(torch.from_numpy(a))
 
     with torch.inference_mode():
         feeds = []
         for i in range(len(x)):
-            levels = m.embedder.levels(torch.from_numpy(x[i : i + 1]))
-            feeds.append((levels, m.embedder.combine(levels)))
+            levels = pc.embedder.levels(torch.from_numpy(x[i : i + 1]))
+            feeds.append((levels, pc.embedder.combine(levels)))
 
     def torch_search(k: int) -> object:
         levels, feats = feeds[k]
         with torch.inference_mode():
-            if m.factored(levels):
-                return m.level_patch_scores(levels, feats)
+            if pc.factored(levels):
+                return pc.level_patch_scores(levels, feats)
             q = feats.reshape(-1, feats.shape[-1])
-            return nearest_distance_gemm(q, m.bank_gemm, chunk=m.chunk)
+            return nearest_distance_gemm(q, pc.bank_gemm, chunk=pc.chunk)
 
     singles = [x[i : i + 1] for i in range(len(x))]
     fns = {
@@ -574,6 +561,7 @@ def main() -> None:
     from ngcal.core.bundle import open_bundle
     from ngcal.core.patchcore.io import load_model
     from ngcal.core.runtime import open_scorer
+    from ngcal.export.onnx_graph import ExportPatchCore
 
     model_dir, bundle_dir = ensure_model_and_bundle(args)
     bundle = open_bundle(bundle_dir)
@@ -595,10 +583,11 @@ def main() -> None:
     log(f"torch eager: {torch_res}")
     mm = matmul_gflops(args.threads)
     gflops = max(mm.values())
-    nn = bench_nn(loaded.module, x[:1], args.threads, args.repeats)
+    exp = ExportPatchCore(loaded.module).eval()  # the bundle's graph, as a torch module
+    nn = bench_nn(exp, x[:1], args.threads, args.repeats)
     bound_ms = nn["nn_gflop"] / gflops * 1e3
     log(f"matmul {mm}; nn {nn}; bound {bound_ms:.2f} ms")
-    parts = bench_backbone(loaded.module, x, args.threads, args.repeats)
+    parts = bench_backbone(loaded.module, exp, x, args.threads, args.repeats)
     log(f"parts {parts}")
     rss = scorer_rss(bundle_dir, paths, args.threads)
     log(f"scorer subprocess: {rss}")
