@@ -42,9 +42,9 @@ def fit_and_score(data: Path, out: Path, threads: int, **overrides: Any) -> dict
     """Fit with FitConfig(**overrides), score the test split; figures + the per-image arrays."""
     import torch
     from ngcal.core.dataset import load_category
-    from ngcal.core.patchcore.evaluation import downsample, image_figures, load_masks, pixel_auroc
-    from ngcal.core.patchcore.fitting import FitConfig, fit
-    from ngcal.core.patchcore.io import load_batch, load_model, score_paths
+    from ngcal.calibration.evaluation import downsample, image_figures, load_masks, pixel_auroc
+    from ngcal.patchcore.fitting import FitConfig, fit
+    from ngcal.patchcore.io import load_batch, load_model, score_paths
 
     torch.set_num_threads(threads)
     cat = load_category(data)
@@ -91,8 +91,8 @@ def compare_rules(
     """AUROC of each image-score rule on identical patch distances; and search timings."""
     import torch
     from ngcal.core.metrics import auroc
-    from ngcal.core.patchcore.io import load_batch
-    from ngcal.core.patchcore.nn_search import (
+    from ngcal.patchcore.io import load_batch
+    from ngcal.patchcore.nn_search import (
         nearest,
         nearest_cdist,
         nearest_distance_gemm,

@@ -10,7 +10,7 @@ KS statistic and Wasserstein-1 distance between the synthetic scores and the rea
 defects' scores (all defects, and per defect type). The same for LAS images at a fixed
 blend (``--beta``, default 0.5), and for the pooled scores of every contiguous window of
 the severity grid (a severity *range*, since one severity gives a narrow score spread).
-Real test scores come from ``ngcal.core.patchcore.io.score_paths`` once per model and are
+Real test scores come from ``ngcal.patchcore.io.score_paths`` once per model and are
 cached under ``runs/``.
 Prints one JSON object on stdout; progress goes to stderr.
 """
@@ -50,7 +50,7 @@ def real_scores(model_dir: Path, data: Path, cache_dir: Path) -> dict[str, objec
         if cached.get("model_sha256") == sha:
             return cached
         print(f"[glass] {cache} was scored by another model; re-scoring", file=sys.stderr)
-    from ngcal.core.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model, score_paths
 
     cat = load_category(data)
     loaded = load_model(model_dir)

@@ -245,7 +245,7 @@ def bench_nn(exp: Any, x1: np.ndarray, threads: int, repeats: int) -> dict[str, 
     graph rewrite), and its matmul FLOPs (``nn_gflop``; ``nn_gflop_direct`` for one
     full-width GEMM). ``exp``: the model's ``ExportPatchCore``."""
     import torch
-    from ngcal.core.patchcore.nn_search import factored_flops
+    from ngcal.patchcore.nn_search import factored_flops
     from ngcal.export.onnx_passes import resize_channels_last
 
     class NN(torch.nn.Module):
@@ -300,7 +300,7 @@ def bench_backbone(
     search costs both runtimes the same: (a + S) / (b + S) >= a / b for a <= b.
     ``pc``: the torch model (PatchCore); ``exp``: its ``ExportPatchCore``."""
     import torch
-    from ngcal.core.patchcore.nn_search import nearest_distance_gemm
+    from ngcal.patchcore.nn_search import nearest_distance_gemm
     from ngcal.export.onnx_passes import fold_pads_into_convs
 
     class Backbone(torch.nn.Module):
@@ -559,7 +559,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from ngcal.core.bundle import open_bundle
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
     from ngcal.core.runtime import open_scorer
     from ngcal.export.onnx_graph import ExportPatchCore
 

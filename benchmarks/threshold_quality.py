@@ -55,7 +55,7 @@ def say(msg: str) -> None:
 # ----------------------------------------------------------------------------- scoring
 def _score(model: Path, paths: list[Path]) -> np.ndarray:
     import torch
-    from ngcal.core.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model, score_paths
 
     torch.set_num_threads(1)
     scored = score_paths(load_model(model), paths, batch_size=8, with_maps=False)

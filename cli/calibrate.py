@@ -3,7 +3,7 @@
 Reads the model's or bundle's own ``scores/*.json``, every score set under each
 ``--scores`` folder, and ``--real-ng``: a folder of score-set files (source ``real_ng``) or a
 folder of NG images, which are then scored with the model (the model directory through
-``ngcal.core.patchcore``, which needs torch; a bundle through onnxruntime). Only the
+``ngcal.patchcore``, which needs torch; a bundle through onnxruntime). Only the
 stdlib is imported at module top.
 
 The default mode is ``cost``: the factory states its operating point (defect prevalence
@@ -115,7 +115,7 @@ def _score_images(root: Path, is_bundle: bool, folder: Path, sha: str) -> Any:
         finally:
             scorer.close()
     else:
-        from ngcal.core.patchcore.io import load_model, score_paths
+        from ngcal.patchcore.io import load_model, score_paths
 
         scored = score_paths(load_model(root), paths)
         for p, reason in scored.errors:

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run every step; stop at the first failing one with its exit code."""
     from ngcal.cli.main import main
-    from ngcal.core.demo import make_demo_category
+    from ngcal.generation.demo_data import make_demo_category
 
     out: Path = args.out
     data = out / "data"

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from ngcal.core.dataset import load_category
     from ngcal.core.errors import DataError
-    from ngcal.core.patchcore.evaluation import (
+    from ngcal.calibration.evaluation import (
         aupro,
         downsample,
         image_figures,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         scores, maps, errors = _score_bundle(args, paths, has_masks)
     else:
         import torch
-        from ngcal.core.patchcore.io import load_model, score_paths
+        from ngcal.patchcore.io import load_model, score_paths
 
         torch.set_num_threads(max(1, args.threads))
         loaded = load_model(args.model)

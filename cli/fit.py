@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from ngcal.core.dataset import is_mvtec_category, list_images, load_category
     from ngcal.core.errors import ConfigError
-    from ngcal.core.patchcore.fitting import FitConfig, fit
+    from ngcal.patchcore.fitting import FitConfig, fit
 
     torch.set_num_threads(max(1, args.threads))
     if args.device.startswith("cuda") and not torch.cuda.is_available():

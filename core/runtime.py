@@ -97,7 +97,7 @@ class ScoredFiles:
     """Scores aligned with the input paths: ``scores`` float64 [N] (NaN where unreadable),
     ``maps`` float32 [N, S, S] or None, ``errors`` (path, reason) of unreadable files.
 
-    The torch-free twin of ``ngcal.core.patchcore.io.ScoredImages``.
+    The torch-free twin of ``ngcal.patchcore.io.ScoredImages``.
     """
 
     scores: np.ndarray

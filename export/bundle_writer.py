@@ -18,7 +18,7 @@ Order of work, so that nothing half-done is ever visible at ``out``:
 
 Bank fraction (``bank_fraction`` F < 1, the speed knob of the nearest-neighbour search):
 the bundle keeps the first ceil(F * M) rows of the memory bank. ``ngcal fit`` stores the
-bank in greedy k-center SELECTION order (``core/patchcore/coreset.py`` appends each pick
+bank in greedy k-center SELECTION order (``patchcore/coreset.py`` appends each pick
 to its list and returns it unsorted; ``fitting.py`` writes ``flat[main_idx]`` as is), so
 a prefix is exactly the greedy coreset a fit with ``coreset_ratio * F`` would have
 selected (same seed, same projection; ``tests/export/test_bank_fraction.py`` checks it).
@@ -57,7 +57,7 @@ from ngcal.core.thresholds import load_thresholds, save_thresholds
 from .parity import RTOL, Parity, check_parity, parity_inputs, torch_scores
 
 if TYPE_CHECKING:
-    from ngcal.core.patchcore.model import PatchCore
+    from ngcal.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def export_bundle(
     """Export ``model_dir`` to a bundle at ``out``; see the module docstring for the steps."""
     import torch
     from ngcal.core.ort_backend import OrtScorer
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
 
     from .onnx_graph import export_onnx
 

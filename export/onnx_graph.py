@@ -1,6 +1,6 @@
 """The exported graph: a fitted PatchCore as one ONNX model, image tensor in, map and score out.
 
-``ExportPatchCore`` wraps ``ngcal.core.patchcore.model.PatchCore`` and computes the same
+``ExportPatchCore`` wraps ``ngcal.patchcore.model.PatchCore`` and computes the same
 function with operators that run faster in onnxruntime (the parity check bounds the
 difference; see ``export.parity``):
 
@@ -48,8 +48,8 @@ from typing import Literal
 
 import torch
 from ngcal.core.errors import ArtifactError
-from ngcal.core.patchcore.model import PatchCore, PatchEmbedder
-from ngcal.core.patchcore.nn_search import LEVELS_CHUNK, nearest_distance_gemm
+from ngcal.patchcore.model import PatchCore, PatchEmbedder
+from ngcal.patchcore.nn_search import LEVELS_CHUNK, nearest_distance_gemm
 from torch import nn
 from torch.nn import functional as F
 

@@ -40,7 +40,7 @@ from ngcal.core.errors import ArtifactError, ConfigError
 from ngcal.core.files import atomic_write_json
 from ngcal.core.images import load_rgb, normalize, resize_rgb
 from ngcal.core.manifest import Preprocessing
-from ngcal.core.patchcore.io import LoadedModel
+from ngcal.patchcore.io import LoadedModel
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 
 from .gas import (
@@ -200,7 +200,7 @@ def _prepare(
     model_dir: str | Path, data_dir: str | Path, out: Path, options: GlassOptions, progress: bool
 ) -> _Run:
     """Load and verify the model, pick held-out and pool images, embed them."""
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
 
     device = resolve_device(options.device)
     loaded = load_model(model_dir)

@@ -79,7 +79,7 @@ def bank_sources(model_root: Path, bank_rows: int) -> np.ndarray:
 
 def without_rows(module: torch.nn.Module, keep: torch.Tensor) -> torch.nn.Module:
     """A PatchCore sharing ``module``'s embedder, with only the bank rows where ``keep``."""
-    from ngcal.core.patchcore.model import PatchCore
+    from ngcal.patchcore.model import PatchCore
 
     if not isinstance(module, PatchCore):
         raise ArtifactError(f"expected a PatchCore module, got {type(module).__name__}")

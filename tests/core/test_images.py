@@ -51,7 +51,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_fit_batch_loader_returns_the_edge_arrays(images: list[Path]) -> None:
     """``patchcore.io.load_batch`` (used by fit and evaluate) == ``load_and_preprocess``."""
     pytest.importorskip("torch")
-    from ngcal.core.patchcore.io import load_batch
+    from ngcal.patchcore.io import load_batch
 
     batch, ok, errors = load_batch(images, SPEC)
     assert errors == [] and ok == list(range(len(images)))
@@ -65,8 +65,8 @@ def test_fit_features_equal_embedder_on_edge_arrays(images: list[Path]) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("timm")
     import timm
-    from ngcal.core.patchcore.fitting import extract_features
-    from ngcal.core.patchcore.model import PatchEmbedder
+    from ngcal.patchcore.fitting import extract_features
+    from ngcal.patchcore.model import PatchEmbedder
 
     torch.manual_seed(0)
     bb = timm.create_model(

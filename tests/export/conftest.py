@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def demo_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MVTec-layout category (numpy + Pillow, no third-party data)."""
-    from ngcal.core.demo import make_demo_category
+    from ngcal.generation.demo_data import make_demo_category
 
     return make_demo_category(
         tmp_path_factory.mktemp("demo") / "cat",

@@ -53,7 +53,7 @@ def test_reduced_bundle_manifest_and_parity(
     import torch
     from ngcal.core.dataset import load_category
     from ngcal.core.images import load_and_preprocess
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
     from ngcal.export.bundle_writer import truncate_bank
 
     loaded = load_model(tiny_model)

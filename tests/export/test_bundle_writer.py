@@ -31,7 +31,7 @@ def test_ort_scores_real_images_like_torch(
 ) -> None:
     """ORT on the bundle and torch on the model dir score the same test images alike."""
     from ngcal.core.images import load_and_preprocess
-    from ngcal.core.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model, score_paths
 
     paths = [s.path for s in load_category(demo_category).test]
     ref = score_paths(load_model(tiny_model), paths, batch_size=4)

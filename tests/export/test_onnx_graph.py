@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 
 def _variant(tiny_model: Path, rule: str) -> object:
-    from ngcal.core.patchcore.io import load_model
-    from ngcal.core.patchcore.model import PatchCore
+    from ngcal.patchcore.io import load_model
+    from ngcal.patchcore.model import PatchCore
 
     pc = load_model(tiny_model).module
     return PatchCore(

@@ -95,7 +95,7 @@ def test_held_out_scoring_matches_leave_one_out(tiny_model: Path, tiny_category:
     """Scoring a training image without its own bank rows reproduces the fit's LOO score,
     and is never lower than scoring it against the full bank."""
     from ngcal.core.images import load_and_preprocess
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
     from ngcal.generation.heldout import HeldOutScorer, bank_sources, training_index
 
     loaded = load_model(tiny_model)

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from ngcal.core.patchcore.model import PatchCore, PatchEmbedder  # noqa: E402
+from ngcal.patchcore.model import PatchCore, PatchEmbedder  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ngcal.core.patchcore.coreset import (  # noqa: E402
+from ngcal.patchcore.coreset import (  # noqa: E402
     CoresetRun,
     coverage_radius,
     greedy_coreset,

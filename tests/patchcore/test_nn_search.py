@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ngcal.core.patchcore.nn_search import (  # noqa: E402
+from ngcal.patchcore.nn_search import (  # noqa: E402
     factored_flops,
     gemm_blocks,
     gemm_operand,

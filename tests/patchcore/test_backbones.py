@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from ngcal.core.errors import ConfigError  # noqa: E402
 from ngcal.core.files import sha256_file  # noqa: E402
-from ngcal.core.patchcore import backbones  # noqa: E402
+from ngcal.patchcore import backbones  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -108,8 +108,8 @@ def test_evaluate_reports_threshold_quality(
 def test_loo_scores_exclude_own_rows(small_model: Path, small_category: Path) -> None:
     """LOO score of a training image = its score against the bank minus its own rows, and is
     above its score against the full bank (which contains its own patches)."""
-    from ngcal.core.patchcore.io import load_batch, load_model
-    from ngcal.core.patchcore.nn_search import nearest
+    from ngcal.patchcore.io import load_batch, load_model
+    from ngcal.patchcore.nn_search import nearest
 
     loaded = load_model(small_model)
     loo = load_scoreset(small_model / "scores" / "normal_loo.json")
@@ -133,7 +133,7 @@ def test_unreadable_image_is_reported_by_name(
     small_model: Path, small_category: Path, tmp_path: Path
 ) -> None:
     """score_paths gives NaN and an error naming the broken file; the others are scored."""
-    from ngcal.core.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model, score_paths
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -175,7 +175,7 @@ def test_grayscale_and_any_size_inputs(
     small_model: Path, small_category: Path, tmp_path: Path
 ) -> None:
     """Grayscale, RGB and odd-sized versions of one image all score; gray == replicated RGB."""
-    from ngcal.core.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model, score_paths
     from PIL import Image
 
     src = next((small_category / "test" / "good").iterdir())
@@ -193,7 +193,7 @@ def test_grayscale_and_any_size_inputs(
 
 def test_tampered_model_dir_is_refused(small_model: Path, tmp_path: Path) -> None:
     """Changing one byte of the memory bank makes load_model raise ArtifactError naming it."""
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
 
     model = tmp_path / "m"
     shutil.copytree(small_model, model)
@@ -208,7 +208,7 @@ def test_tampered_model_dir_is_refused(small_model: Path, tmp_path: Path) -> Non
 def test_forward_is_onnx_exportable(small_model: Path, tmp_path: Path) -> None:
     """The PatchCore module exports to ONNX opset 17 with a dynamic batch and matches torch."""
     ort = pytest.importorskip("onnxruntime")
-    from ngcal.core.patchcore.io import load_model
+    from ngcal.patchcore.io import load_model
 
     module = load_model(small_model).module
     x = torch.randn(2, 3, 128, 128)
@@ -304,7 +304,7 @@ def test_full_tile_fit_reaches_detection_goal(
 def test_fit_plain_folder_with_wrn50_checkpoint(small_category: Path, tmp_path: Path) -> None:
     """A plain image folder fits with WRN50 (layers 2+3) from a local checkpoint: 1536-dim
     bank, ImageNet normalisation, item ids relative to the folder."""
-    from ngcal.core.patchcore.backbones import WRN50, create_features_model
+    from ngcal.patchcore.backbones import WRN50, create_features_model
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "wrn.safetensors"
@@ -344,7 +344,7 @@ def test_fit_plain_folder_with_wrn50_checkpoint(small_category: Path, tmp_path: 
 
 def test_projection_is_stored_and_applied(small_category: Path, tmp_path: Path) -> None:
     """--projection-dim stores projection.npy [152, 48]; the bank and scoring use 48 dims."""
-    from ngcal.core.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model, score_paths
 
     out = tmp_path / "p"
     rc = main(
@@ -379,7 +379,7 @@ def test_extraction_batch_defaults_by_device_and_refuses_nonsense() -> None:
     """Extraction batch: 4 on CPU (measured fastest per image), 32 on GPU, or as given; < 1
     is refused before any work, naming the field."""
     from ngcal.core.errors import ConfigError
-    from ngcal.core.patchcore.fitting import FitConfig
+    from ngcal.patchcore.fitting import FitConfig
 
     assert FitConfig().extraction_batch == 4
     assert FitConfig(device="cuda").extraction_batch == 32

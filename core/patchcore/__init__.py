@@ -1,1 +1,0 @@
-"""ngcal.core.patchcore: see the module docstrings."""

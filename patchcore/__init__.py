@@ -1,0 +1,1 @@
+"""ngcal.patchcore: see the module docstrings."""
