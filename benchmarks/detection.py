@@ -41,8 +41,9 @@ def log(msg: str) -> None:
 def fit_and_score(data: Path, out: Path, threads: int, **overrides: Any) -> dict[str, Any]:
     """Fit with FitConfig(**overrides), score the test split; figures + the per-image arrays."""
     import torch
-    from ngcal.core.dataset import load_category
+
     from ngcal.calibration.evaluation import downsample, image_figures, load_masks, pixel_auroc
+    from ngcal.core.dataset import load_category
     from ngcal.patchcore.fitting import FitConfig, fit
     from ngcal.patchcore.io import load_batch, load_model, score_paths
 
@@ -90,6 +91,7 @@ def compare_rules(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """AUROC of each image-score rule on identical patch distances; and search timings."""
     import torch
+
     from ngcal.core.metrics import auroc
     from ngcal.patchcore.io import load_batch
     from ngcal.patchcore.nn_search import (
@@ -180,8 +182,9 @@ def compare_rules(
 
 def normal_vs_test_good(model_dir: Path, test: list[Any], scores: np.ndarray) -> dict[str, Any]:
     """KS statistic and p99/p99-based FPR of normal score sets against test/good scores."""
-    from ngcal.core.scoresets import load_scoreset
     from scipy.stats import ks_2samp
+
+    from ngcal.core.scoresets import load_scoreset
 
     good = scores[np.array([s.label == 0 for s in test])]
     out: dict[str, Any] = {

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
     from ngcal.core.scoresets import load_scoreset
     from ngcal.generation.glass import GlassOptions, generate_glass
 

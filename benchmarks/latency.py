@@ -245,8 +245,9 @@ def bench_nn(exp: Any, x1: np.ndarray, threads: int, repeats: int) -> dict[str, 
     graph rewrite), and its matmul FLOPs (``nn_gflop``; ``nn_gflop_direct`` for one
     full-width GEMM). ``exp``: the model's ``ExportPatchCore``."""
     import torch
-    from ngcal.patchcore.nn_search import factored_flops
+
     from ngcal.export.onnx_passes import resize_channels_last
+    from ngcal.patchcore.nn_search import factored_flops
 
     class NN(torch.nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:
@@ -300,8 +301,9 @@ def bench_backbone(
     search costs both runtimes the same: (a + S) / (b + S) >= a / b for a <= b.
     ``pc``: the torch model (PatchCore); ``exp``: its ``ExportPatchCore``."""
     import torch
-    from ngcal.patchcore.nn_search import nearest_distance_gemm
+
     from ngcal.export.onnx_passes import fold_pads_into_convs
+    from ngcal.patchcore.nn_search import nearest_distance_gemm
 
     class Backbone(torch.nn.Module):
         def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -395,6 +397,7 @@ def pca_variants(
 
     import onnxruntime as ort
     import torch
+
     from ngcal.core.dataset import load_category
     from ngcal.core.images import load_and_preprocess
     from ngcal.core.metrics import auroc
@@ -559,9 +562,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from ngcal.core.bundle import open_bundle
-    from ngcal.patchcore.io import load_model
     from ngcal.core.runtime import open_scorer
     from ngcal.export.onnx_graph import ExportPatchCore
+    from ngcal.patchcore.io import load_model
 
     model_dir, bundle_dir = ensure_model_and_bundle(args)
     bundle = open_bundle(bundle_dir)

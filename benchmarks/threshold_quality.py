@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
+
 from ngcal.calibration.estimate import calibrate
 from ngcal.core.dataset import load_category
 from ngcal.core.files import atomic_write_json, read_json
@@ -36,7 +38,6 @@ from ngcal.core.manifest import manifest_sha256
 from ngcal.core.metrics import f1_max, min_expected_cost, rates_at
 from ngcal.core.scoresets import NORMAL_SOURCES, SYNTHETIC_SOURCES, ScoreSet, load_scoresets
 from ngcal.core.thresholds import OperatingPoint
-from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "magnetic_tile" / "tile"
@@ -55,6 +56,7 @@ def say(msg: str) -> None:
 # ----------------------------------------------------------------------------- scoring
 def _score(model: Path, paths: list[Path]) -> np.ndarray:
     import torch
+
     from ngcal.patchcore.io import load_model, score_paths
 
     torch.set_num_threads(1)
@@ -125,8 +127,9 @@ def perlin_scores(model: Path, data: Path, cache: Path, seed: int) -> dict[str, 
     hit = _cached(cache, sha)
     if hit is not None:
         return hit
-    from ngcal.core.images import load_rgb
     from PIL import Image
+
+    from ngcal.core.images import load_rgb
 
     cat = load_category(data)
     good = [s for s in cat.test if s.label == 0]

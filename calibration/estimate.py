@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from ngcal.core.errors import ConfigError, DataError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import Interval, OperatingPoint, ThresholdFile

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from ngcal.core.metrics import auroc, expected_cost, f1_max, min_expected_cost, rates_at
 from ngcal.core.thresholds import ThresholdFile
-from PIL import Image
 
 
 def downsample(maps: np.ndarray, size: int) -> np.ndarray:

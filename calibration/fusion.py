@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import logsumexp
+
 from ngcal.core.errors import ConfigError
 from ngcal.core.scoresets import NORMAL_SOURCES, SYNTHETIC_SOURCES, ScoreSet
-from scipy.special import logsumexp
 
 from .ng import NgSample, groups_of, silverman_bandwidth
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
-from ngcal.core.errors import ConfigError, DataError
 from scipy import special, stats
+
+from ngcal.core.errors import ConfigError, DataError
 
 Normals: TypeAlias = "np.ndarray | Sequence[np.ndarray]"
 

@@ -26,8 +26,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from ngcal.core.errors import ConfigError, DataError
 from scipy import stats
+
+from ngcal.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

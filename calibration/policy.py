@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from ngcal.core.errors import ArtifactError, ConfigError, NgcalError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import OperatingPoint, ThresholdFile
-from pydantic import ValidationError
 
 from . import estimate
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
+
 from ngcal.core.errors import ConfigError
 from ngcal.core.files import atomic_write_bytes
 from ngcal.core.metrics import auroc, roc_curve
 from ngcal.core.scoresets import NORMAL_SOURCES, SYNTHETIC_SOURCES, ScoreSet
 from ngcal.core.thresholds import Interval, ThresholdFile
-from scipy import stats
 
 from .fusion import component_name
 

@@ -91,6 +91,7 @@ def model_identity(root: Path) -> tuple[str, bool]:
 def _score_images(root: Path, is_bundle: bool, folder: Path, sha: str) -> Any:
     """Score NG images with the model (lazy torch or onnxruntime import)."""
     import numpy as np
+
     from ngcal.core.dataset import list_images
     from ngcal.core.scoresets import ScoreSet
 
@@ -118,8 +119,8 @@ def _score_images(root: Path, is_bundle: bool, folder: Path, sha: str) -> Any:
         from ngcal.patchcore.io import load_model, score_paths
 
         scored = score_paths(load_model(root), paths)
-        for p, reason in scored.errors:
-            log.warning("skipping %s: %s", p, reason)
+        for bad_path, reason in scored.errors:
+            log.warning("skipping %s: %s", bad_path, reason)
         bad = {str(p) for p, _ in scored.errors}
         ids = [str(p.relative_to(folder)) for p in paths if str(p) not in bad]
         scores = list(scored.scores)

@@ -46,6 +46,7 @@ def _score_bundle(
     args: argparse.Namespace, paths: list[Path], with_maps: bool
 ) -> tuple[Any, Any, Any]:
     import numpy as np
+
     from ngcal.core.bundle import open_bundle
     from ngcal.core.errors import ImageError
     from ngcal.core.images import load_and_preprocess
@@ -81,8 +82,7 @@ def _score_bundle(
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print figures."""
     import numpy as np
-    from ngcal.core.dataset import load_category
-    from ngcal.core.errors import DataError
+
     from ngcal.calibration.evaluation import (
         aupro,
         downsample,
@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         load_masks,
         pixel_auroc,
     )
+    from ngcal.core.dataset import load_category
+    from ngcal.core.errors import DataError
     from ngcal.core.thresholds import load_thresholds
 
     cat = load_category(args.data)
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         scores, maps, errors = _score_bundle(args, paths, has_masks)
     else:
         import torch
+
         from ngcal.patchcore.io import load_model, score_paths
 
         torch.set_num_threads(max(1, args.threads))

@@ -90,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fit and print a one-line JSON summary."""
     import torch
+
     from ngcal.core.dataset import is_mvtec_category, list_images, load_category
     from ngcal.core.errors import ConfigError
     from ngcal.patchcore.fitting import FitConfig, fit

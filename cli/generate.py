@@ -70,6 +70,7 @@ def add_glass_arguments(p: argparse.ArgumentParser) -> None:
 def run_glass(args: argparse.Namespace) -> int:
     """Run GLASS and print where the outputs went."""
     import torch
+
     from ngcal.generation.glass import GlassOptions, generate_glass
 
     if args.device != "cuda":

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from ngcal.calibration.policy import Decision
 from ngcal.core.errors import ImageError, NgcalError
 from ngcal.core.files import sha256_file
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .link import Inbound, MqttLink
 from .messages import AckStatus, Outbound, Topics, ack_message

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ngcal.core.images import IMAGE_SUFFIXES
 from watchdog.events import FileSystemEventHandler
+
+from ngcal.core.images import IMAGE_SUFFIXES
 
 from .config import CameraConfig, IntakeConfig
 from .store import Store

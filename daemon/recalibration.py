@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from ngcal.calibration.policy import Decision, PolicyConfig, PolicyState, recalibrate, rollback
 from ngcal.core.bundle import Bundle
 from ngcal.core.errors import ConfigError

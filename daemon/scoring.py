@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from ngcal.core.errors import ImageError, NgcalError
 from ngcal.core.files import sha256_file
 from ngcal.core.images import load_rgb, preprocess

@@ -46,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 from ngcal.core.bundle import THRESHOLDS_NAME, install_bundle, open_bundle
 from ngcal.core.errors import ArtifactError, ConfigError
@@ -57,6 +57,7 @@ from ngcal.core.thresholds import load_thresholds, save_thresholds
 from .parity import RTOL, Parity, check_parity, parity_inputs, torch_scores
 
 if TYPE_CHECKING:
+    from ngcal.core.trt_backend import TrtToolkit
     from ngcal.patchcore.model import PatchCore
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,12 @@ def export_bundle(
     parity_images: Sequence[str | os.PathLike[str]] = (),
     parity_rtol: float | None = None,
     max_batch: int = 8,
-    toolkit: object | None = None,
+    toolkit: TrtToolkit | None = None,
     bank_fraction: float = 1.0,
 ) -> ExportReport:
     """Export ``model_dir`` to a bundle at ``out``; see the module docstring for the steps."""
     import torch
+
     from ngcal.core.ort_backend import OrtScorer
     from ngcal.patchcore.io import load_model
 
@@ -149,7 +151,7 @@ def export_bundle(
             f"--thresholds with --bank-fraction {bank_fraction}: thresholds calibrated on the "
             "full bank do not hold for a reduced one; fit with a smaller --coreset-ratio instead"
         )
-    thr = load_thresholds(thresholds) if thresholds is not None else None
+    thr = load_thresholds(Path(thresholds)) if thresholds is not None else None
 
     loaded = load_model(model_dir)
     full_rows = int(loaded.module.memory_bank.shape[0])
@@ -202,7 +204,7 @@ def export_bundle(
             preprocessing=loaded.manifest.preprocessing,
             patchcore=spec,
             onnx_opset=opset,
-            precision=precision,
+            precision=cast(Literal["fp32", "fp16"], precision),
             parity_max_abs_diff=parity.max_abs_diff,
             extra={
                 "exporter": exporter,
@@ -243,7 +245,7 @@ def export_bundle(
 
 def _build_engine(
     root: Path,
-    toolkit: object,
+    toolkit: TrtToolkit,
     precision: str,
     max_batch: int,
     batch: object,
@@ -251,6 +253,7 @@ def _build_engine(
 ) -> tuple[Path, Parity]:
     """Build (or reuse) this GPU's engine for the bundle at ``root`` and check its parity."""
     import numpy as np
+
     from ngcal.core.runtime import engine_cache_dir
     from ngcal.core.trt_backend import engine_paths, open_trt_scorer
 

@@ -44,14 +44,15 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+
 from ngcal.core.errors import ArtifactError
 from ngcal.patchcore.model import PatchCore, PatchEmbedder
 from ngcal.patchcore.nn_search import LEVELS_CHUNK, nearest_distance_gemm
-from torch import nn
-from torch.nn import functional as F
 
 from .onnx_passes import fold_pads_into_convs, resize_channels_last
 
@@ -128,7 +129,8 @@ def static_same_padding(embedder: PatchEmbedder, image_size: int) -> PatchEmbedd
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = static.get_submodule(parent_name) if parent_name else static
-        setattr(parent, child, StaticSamePadConv(static.get_submodule(n), sizes[n]))
+        conv = cast(nn.Conv2d, static.get_submodule(n))
+        setattr(parent, child, StaticSamePadConv(conv, sizes[n]))
     return static
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from ngcal.core.errors import ArtifactError
 from ngcal.core.images import load_and_preprocess
 from ngcal.core.manifest import Preprocessing

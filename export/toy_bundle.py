@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from ngcal.core.files import atomic_write_bytes, sha256_bytes
 from ngcal.core.manifest import (
     BackboneSpec,

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from ngcal.core.errors import ConfigError
 from torch import nn
+
+from ngcal.core.errors import ConfigError
 
 Variant = Literal["manifold", "hypersphere"]
 VARIANTS: tuple[Variant, ...] = ("manifold", "hypersphere")
@@ -81,7 +82,8 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [n] for features [n, D]."""
         z = (x - self.mean) / self.std
-        return self.tail(self.body(z)).squeeze(-1)
+        logits: torch.Tensor = self.tail(self.body(z)).squeeze(-1)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ def truncated_projection(
         h = torch.where(zero, e, h)
         n = h.norm(dim=1, keepdim=True)
     target = n.clamp(lo, hi)
-    return anchors + h * (target / n)
+    out: torch.Tensor = anchors + h * (target / n)
+    return out
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,7 @@ def train_discriminator(
             loss = discriminator_loss(
                 disc, x, g, las_feats=lf, las_labels=ll, hard_fraction=train.hard_fraction
             )
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")

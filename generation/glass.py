@@ -36,12 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ngcal.core.errors import ArtifactError, ConfigError
 from ngcal.core.files import atomic_write_json
 from ngcal.core.images import load_rgb, normalize, resize_rgb
 from ngcal.core.manifest import Preprocessing
-from ngcal.patchcore.io import LoadedModel
 from ngcal.core.scoresets import ScoreSet, save_scoreset
+from ngcal.patchcore.io import LoadedModel
 
 from .gas import (
     Band,

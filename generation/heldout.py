@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ngcal.core.dataset import Sample, load_category
 from ngcal.core.errors import ArtifactError, DataError
 from ngcal.core.files import load_npy

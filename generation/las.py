@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from ngcal.core.errors import ConfigError
 from PIL import Image
+
+from ngcal.core.errors import ConfigError
 
 from .perlin import MaskMode, perlin_mask
 from .textures import TextureBank, TextureKind
@@ -57,7 +58,7 @@ def blend(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float)
         raise ConfigError(f"blend: beta {beta} is outside [0, 1]")
     x = image.astype(np.float64)
     inside = (1.0 - beta) * texture.astype(np.float64) + beta * x
-    out = image.copy()
+    out: np.ndarray = image.copy()
     m = mask.astype(bool)
     out[m] = np.clip(np.rint(inside[m]), 0, 255).astype(np.uint8)
     return out

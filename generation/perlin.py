@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from ngcal.core.errors import ConfigError
 from PIL import Image
+
+from ngcal.core.errors import ConfigError
 
 MaskMode = Literal["union", "intersection", "single"]
 MASK_MODES: tuple[MaskMode, ...] = ("union", "intersection", "single")
@@ -34,7 +35,8 @@ NOISE_THRESHOLD = 0.5
 
 def _fade(t: np.ndarray) -> np.ndarray:
     """Perlin's quintic fade curve 6t^5 - 15t^4 + 10t^3."""
-    return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+    out: np.ndarray = t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+    return out
 
 
 def perlin_2d(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -57,13 +59,14 @@ def perlin_2d(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Gener
 
     def corner(dy: int, dx: int) -> np.ndarray:
         g = grads[yi[:, None] + dy, xi[None, :] + dx]  # [H, W, 2]
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+        out: np.ndarray = g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+        return out
 
     n00, n01, n10, n11 = corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
     u, v = _fade(fx), _fade(fy)
     top = n00 + u * (n01 - n00)
     bottom = n10 + u * (n11 - n10)
-    return np.sqrt(2.0) * (top + v * (bottom - top))
+    return np.asarray(np.sqrt(2.0) * (top + v * (bottom - top)))
 
 
 def fractal_perlin(

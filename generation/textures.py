@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
 from ngcal.core.errors import ConfigError
 from ngcal.core.images import load_rgb, resize_rgb
-from PIL import Image, ImageEnhance, ImageOps
 
 from .perlin import fractal_perlin
 
@@ -52,7 +53,7 @@ def recolour(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = x * rng.uniform(0.7, 1.3, size=3)
     if rng.random() < 0.3:
         x = 1.0 - x
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(np.rint(x * 255.0), 0, 255), dtype=np.uint8)
 
 
 def self_crop(images: Sequence[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from ngcal.core.errors import BackendError, ConfigError
 from ngcal.core.files import sha256_file
 from ngcal.core.manifest import BackboneSpec, Preprocessing
-from torch import nn
 
 log = logging.getLogger(__name__)
 

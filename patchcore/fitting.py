@@ -33,6 +33,7 @@ from typing import cast
 
 import numpy as np
 import torch
+
 from ngcal.core.errors import ConfigError, DataError
 from ngcal.core.manifest import ModelManifest, PatchCoreSpec, Preprocessing, write_manifest
 from ngcal.core.scoresets import ScoreSet, save_scoreset

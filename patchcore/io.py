@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ngcal.core.errors import ArtifactError, ImageError
 from ngcal.core.files import atomic_write_bytes, load_npy, save_npy
 from ngcal.core.images import load_and_preprocess

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from ngcal.cli.main import main
 from ngcal.core.files import sha256_file
 from ngcal.core.manifest import (

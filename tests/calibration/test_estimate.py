@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from ngcal.calibration.estimate import calibrate
 from ngcal.core.errors import ConfigError, DataError
 from ngcal.core.scoresets import ScoreSet

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
+
 from ngcal.calibration import fusion
 from ngcal.core.scoresets import ScoreSet
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ngcal.calibration import ng
 from ngcal.core.metrics import f1_max, min_expected_cost, rates_at
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
+
 from ngcal.calibration import normal
 from ngcal.core.errors import DataError
-from scipy import stats
 
 DISTS = {
     "normal": stats.norm(),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ngcal.calibration import estimate, policy
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import ThresholdFile

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from ngcal.core.files import atomic_write_json, sha256_file
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.torch
-pytest.importorskip("torch")
 
 
 def test_demo_runs_every_step_and_the_bundle_applies_its_threshold(

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from ngcal.core import bundle as bundle_mod
 from ngcal.core.bundle import (
     install_bundle,
@@ -18,8 +19,6 @@ from ngcal.core.errors import ArtifactError
 from ngcal.core.files import sha256_bytes
 from ngcal.core.thresholds import ThresholdFile, save_thresholds
 from ngcal.export.toy_bundle import write_toy_bundle
-
-pytest.importorskip("onnx")
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from ngcal.core.images import load_and_preprocess
 from ngcal.core.manifest import Preprocessing
-from PIL import Image
 
 DATA = Path(
     os.environ.get(
@@ -50,7 +51,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def test_fit_batch_loader_returns_the_edge_arrays(images: list[Path]) -> None:
     """``patchcore.io.load_batch`` (used by fit and evaluate) == ``load_and_preprocess``."""
-    pytest.importorskip("torch")
+    import torch  # noqa: F401
+
     from ngcal.patchcore.io import load_batch
 
     batch, ok, errors = load_batch(images, SPEC)
@@ -62,9 +64,9 @@ def test_fit_batch_loader_returns_the_edge_arrays(images: list[Path]) -> None:
 
 def test_fit_features_equal_embedder_on_edge_arrays(images: list[Path]) -> None:
     """Features extracted during fit equal the embedder applied to the edge preprocessing."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("timm")
     import timm
+    import torch
+
     from ngcal.patchcore.fitting import extract_features
     from ngcal.patchcore.model import PatchEmbedder
 
@@ -82,7 +84,6 @@ def test_fit_features_equal_embedder_on_edge_arrays(images: list[Path]) -> None:
 
 def test_numpy_matches_torchvision_reference(images: list[Path]) -> None:
     """The numpy definition equals PIL->RGB, Resize(bicubic), ToTensor, Normalize(0.5, 0.5)."""
-    pytest.importorskip("torchvision")
     from torchvision import transforms as T
 
     tf = T.Compose(

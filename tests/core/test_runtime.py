@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from ngcal.core import ort_backend
 from ngcal.core.bundle import open_bundle
 from ngcal.core.errors import BackendError, ConfigError, DataError
 from ngcal.core.runtime import open_scorer
 from ngcal.core.scorer import Scorer
-
-pytest.importorskip("onnx")
 from ngcal.export.toy_bundle import toy_score, write_toy_bundle  # noqa: E402
 
 
@@ -160,9 +159,10 @@ def test_scorer_runs_without_torch(toy: Path) -> None:
 
 def test_score_files_scores_readable_and_reports_unreadable(toy: Path, tmp_path: Path) -> None:
     """score_files decodes with core.images, scores in batches, and NaNs broken files."""
+    from PIL import Image
+
     from ngcal.core.images import load_and_preprocess
     from ngcal.core.runtime import score_files
-    from PIL import Image
 
     s = open_scorer(toy, max_batch=2)
     paths = []

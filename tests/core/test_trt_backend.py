@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ngcal.core import trt_backend
 from ngcal.core.bundle import open_bundle
 from ngcal.core.errors import BackendError
 from ngcal.core.runtime import open_scorer
 from ngcal.core.trt_backend import EngineKey, engine_paths, ensure_engine, open_trt_scorer
-
-pytest.importorskip("onnx")
 from ngcal.export.toy_bundle import toy_score, write_toy_bundle  # noqa: E402
 
 

@@ -12,18 +12,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_kit import MOSQUITTO, MOSQUITTO_PASSWD, Broker, DaemonProcess, make_tiny_bundle  # noqa: E402
+from daemon_kit import (  # noqa: E402
+    MOSQUITTO,
+    MOSQUITTO_PASSWD,
+    Broker,
+    DaemonProcess,
+    make_tiny_bundle,
+    missing,
+)
 
 
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     if not os.path.exists(MOSQUITTO):
-        pytest.skip(f"{MOSQUITTO} not installed (apt-get install mosquitto)")
+        missing(f"{MOSQUITTO} not installed (apt-get install mosquitto)")
     made: list[Broker] = []
 
     def make(**kw: Any) -> Broker:
         if kw.get("users") and MOSQUITTO_PASSWD is None:
-            pytest.skip("mosquitto_passwd not installed (it ships with the mosquitto package)")
+            missing("mosquitto_passwd not installed (it ships with the mosquitto package)")
         b = Broker(tmp_path / f"broker{len(made)}", **kw)
         b.start()
         made.append(b)

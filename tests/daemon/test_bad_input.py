@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from daemon_kit import Subscriber, daemon_config, write_image
+from PIL import Image
+
 from ngcal.daemon.config import CameraConfig, IntakeConfig, RecalibrationConfig
 from ngcal.daemon.intake import Candidate, Intake
 from ngcal.daemon.messages import Topics
 from ngcal.daemon.recalibration import ThresholdKeeper
 from ngcal.daemon.scoring import ScoringPipeline
 from ngcal.daemon.store import Store
-from PIL import Image
 
 
 def huge_png_header(width: int, height: int) -> bytes:

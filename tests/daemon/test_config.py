@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ngcal.core.errors import ConfigError
 from ngcal.daemon.config import ConfigInvalid, MqttConfig, load_config, parse_config
 

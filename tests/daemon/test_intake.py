@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from daemon_kit import write_image
+
 from ngcal.daemon.config import CameraConfig, IntakeConfig
 from ngcal.daemon.intake import Candidate, Intake
 from ngcal.daemon.store import Store

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+
 from ngcal.daemon.notify import Notifier
 
 

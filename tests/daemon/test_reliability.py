@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from daemon_kit import Subscriber, daemon_config, write_image
+
 from ngcal.core.files import sha256_file
 from ngcal.daemon.messages import make_msg_id
 

@@ -6,6 +6,7 @@ import sqlite3
 import time
 
 import pytest
+
 from ngcal.daemon.messages import Outbound, Verdict, make_msg_id
 from ngcal.daemon.store import Store, append_audit
 

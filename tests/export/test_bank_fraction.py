@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
 from ngcal.core.bundle import open_bundle
 from ngcal.core.errors import ConfigError
 from ngcal.core.files import load_npy
@@ -15,7 +17,6 @@ from ngcal.core.runtime import open_scorer
 from ngcal.core.thresholds import ThresholdFile, save_thresholds
 
 pytestmark = pytest.mark.torch
-pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,11 @@ def test_reduced_bundle_manifest_and_parity(
 ) -> None:
     """The bundle records the prefix size; ORT matches torch with the same prefix bank, and
     every score is at least the full bank's (a subset can only be farther away)."""
-    import torch
+
     from ngcal.core.dataset import load_category
     from ngcal.core.images import load_and_preprocess
-    from ngcal.patchcore.io import load_model
     from ngcal.export.bundle_writer import truncate_bank
+    from ngcal.patchcore.io import load_model
 
     loaded = load_model(tiny_model)
     full_rows = int(loaded.module.memory_bank.shape[0])

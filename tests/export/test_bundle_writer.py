@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ngcal.core.bundle import open_bundle
 from ngcal.core.dataset import load_category
 from ngcal.core.errors import ArtifactError, BackendError
@@ -14,7 +15,6 @@ from ngcal.core.runtime import open_scorer
 from ngcal.core.thresholds import ThresholdFile, save_thresholds
 
 pytestmark = pytest.mark.torch
-pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

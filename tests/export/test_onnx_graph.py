@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")
 
 
 def _variant(tiny_model: Path, rule: str) -> object:
@@ -27,6 +27,7 @@ def test_exported_graph_matches_torch_for_each_rule(
 ) -> None:
     """With the bank split in many chunks, ORT's scores and maps equal the torch model's."""
     import onnxruntime as ort
+
     from ngcal.export.onnx_graph import ExportPatchCore, export_onnx
     from ngcal.export.parity import parity_inputs, torch_scores
 
@@ -98,6 +99,7 @@ def test_non_linear_map_falls_back_to_the_module(
 def test_dynamo_exporter_gives_the_same_scores(tiny_model: Path, tmp_path: Path) -> None:
     """The dynamo exporter (opset 18) is a working alternative with the same scores."""
     import onnxruntime as ort
+
     from ngcal.export.onnx_graph import export_onnx
     from ngcal.export.parity import parity_inputs, torch_scores
 

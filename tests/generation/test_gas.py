@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
-
+import torch
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
 from ngcal.core.errors import ConfigError  # noqa: E402
 from ngcal.generation.gas import (  # noqa: E402
     GasConfig,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-
-torch = pytest.importorskip("torch")
 
 from ngcal.cli.main import main  # noqa: E402
 from ngcal.core.errors import ArtifactError  # noqa: E402
@@ -95,8 +94,8 @@ def test_held_out_scoring_matches_leave_one_out(tiny_model: Path, tiny_category:
     """Scoring a training image without its own bank rows reproduces the fit's LOO score,
     and is never lower than scoring it against the full bank."""
     from ngcal.core.images import load_and_preprocess
-    from ngcal.patchcore.io import load_model
     from ngcal.generation.heldout import HeldOutScorer, bank_sources, training_index
+    from ngcal.patchcore.io import load_model
 
     loaded = load_model(tiny_model)
     index = training_index(tiny_model, tiny_category, loaded.manifest.patchcore.num_train_images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ngcal.core.errors import ConfigError
 from ngcal.generation.las import blend, contact_sheet, synthesize
 from ngcal.generation.textures import TextureBank, glass_augment, procedural

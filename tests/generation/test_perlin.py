@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ngcal.core.errors import ConfigError
 from ngcal.generation.perlin import (
     perlin_2d,

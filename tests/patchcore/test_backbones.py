@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from ngcal.core.errors import ConfigError  # noqa: E402
 from ngcal.core.files import sha256_file  # noqa: E402
@@ -19,7 +18,8 @@ IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian 
 
 def test_lite0_remap_puts_chelsea_among_cats() -> None:
     """The remapped package weights classify skimage's cat photo as an ImageNet cat (top-1)."""
-    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.data as skimage_data
+
     from ngcal.core.images import preprocess
 
     model = backbones.lite0_classifier()

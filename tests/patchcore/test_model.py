@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 import torch.nn.functional as F  # noqa: E402
+
 from ngcal.patchcore.model import PatchCore, PatchEmbedder  # noqa: E402
 
 pytestmark = pytest.mark.torch

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from ngcal.patchcore.nn_search import (  # noqa: E402
     factored_flops,

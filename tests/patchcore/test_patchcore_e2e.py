@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from ngcal.cli.main import main  # noqa: E402
 from ngcal.core.errors import ArtifactError  # noqa: E402
@@ -175,8 +174,9 @@ def test_grayscale_and_any_size_inputs(
     small_model: Path, small_category: Path, tmp_path: Path
 ) -> None:
     """Grayscale, RGB and odd-sized versions of one image all score; gray == replicated RGB."""
-    from ngcal.patchcore.io import load_model, score_paths
     from PIL import Image
+
+    from ngcal.patchcore.io import load_model, score_paths
 
     src = next((small_category / "test" / "good").iterdir())
     gray = Image.open(src).convert("L")
@@ -207,7 +207,8 @@ def test_tampered_model_dir_is_refused(small_model: Path, tmp_path: Path) -> Non
 
 def test_forward_is_onnx_exportable(small_model: Path, tmp_path: Path) -> None:
     """The PatchCore module exports to ONNX opset 17 with a dynamic batch and matches torch."""
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     from ngcal.patchcore.io import load_model
 
     module = load_model(small_model).module
@@ -238,8 +239,7 @@ def test_evaluate_bundle_matches_model_dir(
     small_model: Path, small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An exported bundle, evaluated through onnxruntime, gives the model dir's scores."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("ngcal.export.bundle_writer")
+
     bundle = tmp_path / "bundle"
     assert main(["export", "--model", str(small_model), "--out", str(bundle)]) == 0
     capsys.readouterr()
@@ -304,8 +304,9 @@ def test_full_tile_fit_reaches_detection_goal(
 def test_fit_plain_folder_with_wrn50_checkpoint(small_category: Path, tmp_path: Path) -> None:
     """A plain image folder fits with WRN50 (layers 2+3) from a local checkpoint: 1536-dim
     bank, ImageNet normalisation, item ids relative to the folder."""
-    from ngcal.patchcore.backbones import WRN50, create_features_model
     from safetensors.torch import save_file
+
+    from ngcal.patchcore.backbones import WRN50, create_features_model
 
     ckpt = tmp_path / "wrn.safetensors"
     sd = create_features_model(WRN50, (2, 3)).state_dict()
