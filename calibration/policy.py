@@ -24,7 +24,7 @@ import datetime as _dt
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -127,16 +127,27 @@ class PolicyState:
         return cls(current=current, history=history)
 
 
+#: what became of a request: a new version applied; everything computed but not applied
+#: (dry run); nothing to change (no move worth making, or already current); refused
+#: (insufficient or foreign evidence, a failed calibration, an unknown version)
+Outcome = Literal["applied", "dry_run", "unchanged", "refused"]
+
+
 @dataclass(frozen=True)
 class Decision:
-    """The outcome of one recalibration or rollback request."""
+    """The outcome of one recalibration or rollback request; ``outcome`` says which kind."""
 
-    applied: bool
+    outcome: Outcome
     reason: str
     old: ThresholdFile
     proposed: ThresholdFile | None
     new_state: PolicyState
     audit: dict[str, Any]
+
+    @property
+    def applied(self) -> bool:
+        """True when a new threshold version was applied."""
+        return self.outcome == "applied"
 
 
 def _now(now: str | None) -> str:
@@ -216,10 +227,13 @@ def recalibrate(
     counts = _counts(evidence)
 
     def decide(
-        reason: str, proposed: ThresholdFile | None = None, new: ThresholdFile | None = None
+        outcome: Outcome,
+        reason: str,
+        proposed: ThresholdFile | None = None,
+        new: ThresholdFile | None = None,
     ) -> Decision:
-        """Audit and return the outcome; ``new`` is applied unless absent or a dry run."""
-        applied = new is not None and not config.dry_run
+        """Audit and return the outcome; ``new`` is applied when ``outcome`` is applied."""
+        applied = outcome == "applied"
         audit = _audit(
             action="recalibrate",
             actor=actor,
@@ -232,20 +246,22 @@ def recalibrate(
             dry_run=config.dry_run,
             evidence=counts,
         )
+        audit["outcome"] = outcome
         if new is None or not applied:
-            return Decision(False, reason, old, proposed, state, audit)
+            return Decision(outcome, reason, old, proposed, state, audit)
         new_state = PolicyState(current=new, history=(*state.history, new))
-        return Decision(True, reason, old, proposed, new_state, audit)
+        return Decision(outcome, reason, old, proposed, new_state, audit)
 
     n_ng, n_ok = counts.get("real_ng", 0), counts.get("real_ok", 0)
     if n_ng < config.min_real_ng or n_ok < config.min_real_ok:
         return decide(
+            "refused",
             f"insufficient evidence: {n_ng} real NG (need {config.min_real_ng}), "
-            f"{n_ok} real OK (need {config.min_real_ok})"
+            f"{n_ok} real OK (need {config.min_real_ok})",
         )
     foreign = sorted({s.model_sha256 for s in evidence if s.model_sha256} - {old.model_sha256})
     if old.model_sha256 and foreign:
-        return decide(f"evidence from another model (sha256 {foreign[0][:12]}...)")
+        return decide("refused", f"evidence from another model (sha256 {foreign[0][:12]}...)")
     version = state.latest_version + 1
     try:
         proposed = estimate.calibrate(
@@ -265,10 +281,11 @@ def recalibrate(
             now=now,
         )
     except NgcalError as e:
-        return decide(f"calibration failed: {e}")
+        return decide("refused", f"calibration failed: {e}")
     move = abs(proposed.value - old.value)
     if move < config.hysteresis * abs(old.value):
         return decide(
+            "unchanged",
             f"proposed move {move:.6g} is below the hysteresis "
             f"{config.hysteresis:g} x |{old.value:.6g}|",
             proposed,
@@ -290,8 +307,8 @@ def recalibrate(
     )
     reason = "clamped to max_step" if clamped else "applied"
     if config.dry_run:
-        reason = f"dry run ({reason} if applied)"
-    return decide(reason, proposed, new)
+        return decide("dry_run", f"dry run ({reason} if applied)", proposed, new)
+    return decide("applied", reason, proposed, new)
 
 
 def rollback(state: PolicyState, version: int, *, actor: str, now: str | None = None) -> Decision:
@@ -303,7 +320,10 @@ def rollback(state: PolicyState, version: int, *, actor: str, now: str | None = 
     old = state.current
     target = state.find(version)
 
-    def decide(applied: bool, reason: str, new: ThresholdFile | None, st: PolicyState) -> Decision:
+    def decide(
+        outcome: Outcome, reason: str, new: ThresholdFile | None, st: PolicyState
+    ) -> Decision:
+        applied = outcome == "applied"
         audit = _audit(
             action="rollback",
             actor=actor,
@@ -317,13 +337,14 @@ def rollback(state: PolicyState, version: int, *, actor: str, now: str | None = 
             evidence=dict(old.evidence),
         )
         audit["rollback_to"] = version
-        return Decision(applied, reason, old, new, st, audit)
+        audit["outcome"] = outcome
+        return Decision(outcome, reason, old, new, st, audit)
 
     if target is None:
         known = [t.version for t in state.history]
-        return decide(False, f"unknown version {version} (known: {known})", None, state)
+        return decide("refused", f"unknown version {version} (known: {known})", None, state)
     if version == old.version:
-        return decide(False, f"version {version} is already current", None, state)
+        return decide("unchanged", f"version {version} is already current", None, state)
     notes = dict(target.notes)
     notes.update(rollback_from=old.version, rollback_to=version)
     new = target.model_copy(
@@ -336,4 +357,4 @@ def rollback(state: PolicyState, version: int, *, actor: str, now: str | None = 
         }
     )
     new_state = PolicyState(current=new, history=(*state.history, new))
-    return decide(True, f"rolled back to version {version}", new, new_state)
+    return decide("applied", f"rolled back to version {version}", new, new_state)

@@ -175,22 +175,21 @@ class CommandHandler:
                 dry_run=cmd.dry_run,
                 on_commit=self._finisher(msg, cmd, kind),
             )
-            return _decision_status(d, cmd.dry_run)
+            return _decision_status(d)
         if isinstance(cmd, RollbackCmd):
             d = self.keeper.rollback(
                 cmd.version,
                 actor=f"{cmd.operator} ({cmd.request_id})",
                 on_commit=self._finisher(msg, cmd, kind),
             )
-            return _decision_status(d, False)
+            return _decision_status(d)
         raise AssertionError(kind)  # pragma: no cover - _MODELS covers every kind
 
     def _finisher(
         self, msg: Inbound, cmd: _Cmd, kind: str
     ) -> Callable[[sqlite3.Connection, Decision], None]:
         def finish(c: sqlite3.Connection, d: Decision) -> None:
-            dry = bool(getattr(cmd, "dry_run", False))
-            status = _decision_status(d, dry)
+            status = _decision_status(d)
             new = d.new_state.current
             self._write(
                 c,
@@ -362,7 +361,14 @@ class CommandHandler:
             enqueue(c, Outbound(topic, ack.payload, ack.msg_id))
 
 
-def _decision_status(d: Decision, dry_run: bool) -> AckStatus:
-    if d.applied:
-        return "applied"
-    return "accepted" if dry_run and d.reason.startswith("dry run") else "rejected"
+_OUTCOME_STATUS: dict[str, AckStatus] = {
+    "applied": "applied",
+    "dry_run": "accepted",
+    "unchanged": "unchanged",
+    "refused": "refused",
+}
+
+
+def _decision_status(d: Decision) -> AckStatus:
+    """The ack status of a policy decision (its ``outcome`` field, never its reason text)."""
+    return _OUTCOME_STATUS[d.outcome]

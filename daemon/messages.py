@@ -21,7 +21,11 @@ RECAL_SCHEMA = "ngcal.recalibration/1"
 COMMAND_KINDS = ("confirm", "recalibrate", "rollback")
 
 Label = Literal["OK", "NG", "ERROR"]
-AckStatus = Literal["accepted", "duplicate", "rejected", "applied"]
+#: accepted (a confirmation or a dry run taken), duplicate (request_id seen before),
+#: rejected (malformed or invalid: the command itself is wrong), applied (a new threshold
+#: version), unchanged (valid, but nothing worth changing), refused (valid, but the guard
+#: rails or the evidence do not allow it)
+AckStatus = Literal["accepted", "duplicate", "rejected", "applied", "unchanged", "refused"]
 
 
 def make_msg_id(device: str, camera: str, rel_path: str, sha256: str, mtime_ns: int) -> str:

@@ -94,7 +94,7 @@ def test_rollback_unknown_version_is_refused() -> None:
     """An unknown version gives a refused decision (no exception) and leaves the state."""
     state = policy.PolicyState.initial(_threshold(1.0))
     d = policy.rollback(state, 7, actor="op", now=NOW)
-    assert not d.applied and "unknown version 7" in d.reason
+    assert not d.applied and d.outcome == "refused" and "unknown version 7" in d.reason
     assert d.new_state is state and d.audit["applied"] is False
 
 
@@ -113,7 +113,7 @@ def test_hysteresis_blocks_small_moves(simulated: Callable[..., list[ScoreSet]])
     proposal = estimate.calibrate(ev, mode="cost", n_boot=0)
     state = policy.PolicyState.initial(_threshold(proposal.value * 1.001))
     d = policy.recalibrate(state, ev, cfg, actor="a", now=NOW)
-    assert not d.applied and "hysteresis" in d.reason
+    assert not d.applied and d.outcome == "unchanged" and "hysteresis" in d.reason
     assert d.proposed is not None
 
 
@@ -122,7 +122,7 @@ def test_dry_run_computes_but_does_not_apply(simulated: Callable[..., list[Score
     state = policy.PolicyState.initial(_threshold(10.0))
     cfg = policy.PolicyConfig(dry_run=True, n_boot=0)
     d = policy.recalibrate(state, simulated(n_real=5), cfg, actor="a", now=NOW)
-    assert not d.applied and d.new_state is state
+    assert not d.applied and d.outcome == "dry_run" and d.new_state is state
     assert d.audit["dry_run"] is True and d.audit["new_value"] == 9.0  # clamped 10%
 
 
@@ -150,4 +150,4 @@ def test_evidence_from_another_model_is_refused() -> None:
     d = policy.recalibrate(
         policy.PolicyState.initial(t), ev, policy.PolicyConfig(n_boot=0), actor="a", now=NOW
     )
-    assert not d.applied and "another model" in d.reason
+    assert not d.applied and d.outcome == "refused" and "another model" in d.reason

@@ -113,12 +113,12 @@ def test_commands_are_idempotent_acked_once_and_feed_recalibration(
     assert [e["applied"] for e in events] == [False, True]
     assert events[1]["audit"]["evidence"]["real_ng"] == 2
 
-    # rollback to v1 (new version 3 with v1's value); unknown version rejected
+    # rollback to v1 (new version 3 with v1's value); unknown version refused
     sub.publish(cmd + "rollback", {"request_id": "b1", "version": 1})
     b1 = wait_ack(sub, "b1")[0]
     assert b1["status"] == "applied" and b1["threshold_version"] == 3 and b1["threshold"] == 0.5
     sub.publish(cmd + "rollback", {"request_id": "b2", "version": 99})
-    assert wait_ack(sub, "b2")[0]["status"] == "rejected"
+    assert wait_ack(sub, "b2")[0]["status"] == "refused"
     sub.wait(lambda: sub.json_on("/threshold")[-1]["version"] == 3, 10, "retained threshold v3")
 
     # verdicts after the rollback use v3
@@ -156,7 +156,7 @@ def test_commands_sent_while_daemon_is_down_are_handled_after_restart(
     time.sleep(0.3)
     assert acks(sub, "while-down") == []
     d.start()
-    assert [a["status"] for a in wait_ack(sub, "while-down")] == ["rejected"]
+    assert [a["status"] for a in wait_ack(sub, "while-down")] == ["refused"]
     assert "insufficient evidence" in acks(sub, "while-down")[0]["reason"]
     assert d.terminate() == 0
     sub.stop()
