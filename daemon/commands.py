@@ -4,8 +4,16 @@ Each command is a JSON object with a ``request_id``; handling is idempotent by i
 command's effect, its idempotency row and its ``cmd/ack`` message are committed in one
 transaction, and only then is the inbound PUBLISH acknowledged to the broker (manual
 ack), so a crash before the commit makes the broker redeliver the command and a crash
-after it makes the replay answer ``duplicate``. Oversized, non-JSON and invalid commands
-are rejected with an ack naming the reason; they never stop the handler.
+after it makes the replay answer ``duplicate``.
+
+Poison never blocks the channel: every message is answered and PUBACKed. A failure that
+would recur on redelivery (oversized, malformed or too deeply nested JSON, text that
+cannot be stored such as a lone surrogate, an invalid field, an unknown image, any
+non-transient error) is committed as a ``rejected`` ack naming the reason. Only a
+transient error (SQLite busy, disk full) is retried, at most ``max_attempts`` times; then
+the command is rejected and the ``command_failed`` alarm raised. (Mosquitto redelivers an
+unacknowledged message only on reconnect, and stops sending after 20 in flight: an
+unanswered message would hold one of those slots for the session's lifetime.)
 
 A confirmation names a verdict by ``msg_id``, or an image by ``image_sha256``: a verdict
 with that sha256, else a file with that sha256 in the recalibration intake folder, which
@@ -22,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,12 +38,26 @@ from ngcal.calibration.policy import Decision
 from ngcal.core.errors import ImageError, NgcalError
 from ngcal.core.files import sha256_file
 
-from .link import Inbound, MqttLink
+from .clock import SYSTEM_CLOCK, Clock
+from .link import Inbound
 from .messages import AckStatus, Outbound, Topics, ack_message
 from .recalibration import ThresholdKeeper
-from .store import Store, enqueue
+from .store import Store, add_command, add_confirmation, enqueue, is_transient
 
 log = logging.getLogger(__name__)
+
+#: commands are flat objects: deeper JSON is rejected before validation
+MAX_DEPTH = 8
+#: MQTT topic names: no wildcards, no control characters, not a ``$`` system topic
+_TOPIC = r"^[^#+$\x00-\x1f\x7f][^#+\x00-\x1f\x7f]*$"
+
+
+class CommandChannel(Protocol):
+    """What the handler needs from the MQTT link: the inbound queue and the manual ack."""
+
+    inbox: queue.SimpleQueue[Inbound]
+
+    def ack(self, mid: int, qos: int) -> None: ...
 
 
 class _Cmd(BaseModel):
@@ -43,7 +65,7 @@ class _Cmd(BaseModel):
     schema_: str | None = Field(default=None, alias="schema")
     request_id: str = Field(min_length=1, max_length=128)
     operator: str = Field(default="unknown", max_length=128)
-    response_topic: str | None = Field(default=None, max_length=512, pattern=r"^[^#+]+$")
+    response_topic: str | None = Field(default=None, max_length=512, pattern=_TOPIC)
 
 
 class ConfirmCmd(_Cmd):
@@ -80,7 +102,7 @@ class CommandHandler:
         self,
         *,
         store: Store,
-        link: MqttLink,
+        link: CommandChannel,
         keeper: ThresholdKeeper,
         topics: Topics,
         max_bytes: int,
@@ -88,7 +110,11 @@ class CommandHandler:
         auto_recalibrate: bool,
         score_file: Callable[[str], float],
         on_commit: Callable[[], None],
+        clock: Clock = SYSTEM_CLOCK,
+        max_attempts: int = 6,
     ) -> None:
+        self.clock = clock
+        self.max_attempts = max_attempts
         self.store = store
         self.link = link
         self.keeper = keeper
@@ -101,7 +127,7 @@ class CommandHandler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sha_cache: dict[tuple[str, int, int], str] = {}
-        self.heartbeat = time.monotonic()
+        self.heartbeat = clock.monotonic()
         self.handled = 0
 
     def start(self) -> None:
@@ -115,22 +141,62 @@ class CommandHandler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+            self.heartbeat = self.clock.monotonic()
             try:
                 msg = self.link.inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
+            self.process(msg)
+
+    def process(self, msg: Inbound) -> AckStatus | None:
+        """Answer one message and PUBACK it; None only when stopped during a retry."""
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                self.handle(msg)
-            except Exception:  # noqa: BLE001 - never ack a command that was not committed
-                log.exception(
-                    "command on %s failed before commit; the broker will redeliver", msg.topic
-                )
-                time.sleep(1.0)
-                continue
-            self.link.ack(msg.mid, msg.qos)
-            self.handled += 1
-            self._on_commit()
+                status = self.handle(msg)
+                break
+            except Exception as e:  # noqa: BLE001 - classified: retried or answered
+                if is_transient(e) and attempt < self.max_attempts:
+                    log.warning(
+                        "command on %s: transient failure (%s), attempt %d of %d",
+                        msg.topic,
+                        e,
+                        attempt,
+                        self.max_attempts,
+                    )
+                    if self._stop.is_set():
+                        return None  # not acked: the broker redelivers it on reconnect
+                    self.clock.sleep(min(0.25 * 2**attempt, 5.0))
+                    continue
+                status = self._give_up(msg, e, attempt)
+                break
+        self.heartbeat = self.clock.monotonic()
+        self.link.ack(msg.mid, msg.qos)
+        self.handled += 1
+        self._on_commit()
+        return status
+
+    def _give_up(self, msg: Inbound, e: Exception, attempts: int) -> AckStatus:
+        """Reject a command that failed for good; raise an alarm when that was transient."""
+        if is_transient(e):
+            reason = f"gave up after {attempts} transient failures: {e}"
+            log.error("command on %s %s", msg.topic, reason)
+        else:
+            reason = f"internal error: {type(e).__name__}: {e}"
+            log.exception("command on %s failed; rejected (would fail again)", msg.topic)
+        reason = printable(reason)
+        try:
+            status = self._answer(msg, None, "rejected", reason)
+        except Exception:  # noqa: BLE001 - PUBACK anyway: nothing may block the channel
+            log.exception("cannot record the rejection of a command on %s", msg.topic)
+            status = "rejected"
+        if is_transient(e):
+            try:
+                self.store.raise_alarm("command_failed", reason[:200])
+            except Exception:  # noqa: BLE001 - logged above already
+                log.error("cannot raise the command_failed alarm")
+        return status
 
     # ------------------------------------------------------------------ handling
     def handle(self, msg: Inbound) -> AckStatus:
@@ -145,8 +211,13 @@ class CommandHandler:
             )
         try:
             raw = json.loads(msg.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return self._answer(msg, None, "rejected", f"malformed JSON: {e}")
+        except RecursionError:
+            return self._answer(msg, None, "rejected", "malformed JSON: nested too deeply")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            return self._answer(msg, None, "rejected", f"malformed JSON: {printable(str(e))}")
+        problem = json_problem(raw)
+        if problem is not None:
+            return self._answer(msg, None, "rejected", problem)
         rid = raw.get("request_id") if isinstance(raw, dict) else None
         rid = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
         try:
@@ -155,7 +226,15 @@ class CommandHandler:
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first["loc"]) or "<root>"
             return self._answer(
-                msg, rid, "rejected", f"invalid {kind}: {loc}: {first['msg']}", record=kind
+                msg,
+                rid,
+                "rejected",
+                printable(f"invalid {kind}: {loc}: {first['msg']}"),
+                record=kind,
+            )
+        if cmd.response_topic is not None and cmd.response_topic in self.topics.commands:
+            return self._answer(
+                msg, rid, "rejected", "response_topic is a command topic", record=kind
             )
         prior = self.store.command(cmd.request_id)
         if prior is not None:
@@ -255,17 +334,14 @@ class CommandHandler:
                     response_topic=cmd.response_topic,
                 )
         with self.store.tx() as c:
-            c.execute(
-                "INSERT INTO confirmations VALUES (?,?,?,?,?,?,?)",
-                (
-                    cmd.request_id,
-                    None if row is None else row["msg_id"],
-                    sha,
-                    cmd.label,
-                    float(score),
-                    cmd.operator,
-                    time.time(),
-                ),
+            add_confirmation(
+                c,
+                cmd.request_id,
+                msg_id=None if row is None else row["msg_id"],
+                sha256=str(sha),
+                label=cmd.label,
+                score=float(score),
+                operator=cmd.operator,
             )
             self._write(
                 c,
@@ -286,7 +362,10 @@ class CommandHandler:
             cmd.operator,
         )
         if self.auto_recalibrate:
-            self.keeper.recalibrate(actor=f"auto after {cmd.request_id}")
+            try:  # the confirmation is committed and acked whatever happens here
+                self.keeper.recalibrate(actor=f"auto after {cmd.request_id}")
+            except Exception:  # noqa: BLE001 - logged; the next confirmation retries
+                log.exception("automatic recalibration after %s failed", cmd.request_id)
         return "accepted"
 
     def _score_intake(self, sha: str) -> float:
@@ -349,15 +428,13 @@ class CommandHandler:
     ) -> None:
         """Idempotency row (when ``kind``) and the ack message(s), in the caller's transaction."""
         if kind is not None and rid is not None:
-            c.execute(
-                "INSERT OR IGNORE INTO commands VALUES (?,?,?,?,?,?)",
-                (rid, kind, status, reason, payload.decode("utf-8", "replace"), time.time()),
-            )
+            add_command(c, rid, kind, status, reason, payload.decode("utf-8", "replace"))
         ack = ack_message(
             self.topics, rid or f"mid-{msg.mid}-{time.time_ns()}", status, reason, **extra
         )
         enqueue(c, ack)
-        for topic in {t for t in (response_topic, msg.response_topic) if t}:
+        extra_topics = {t for t in (response_topic, msg.response_topic) if t}
+        for topic in extra_topics - {self.topics.ack, *self.topics.commands}:
             enqueue(c, Outbound(topic, ack.payload, ack.msg_id))
 
 
@@ -372,3 +449,31 @@ _OUTCOME_STATUS: dict[str, AckStatus] = {
 def _decision_status(d: Decision) -> AckStatus:
     """The ack status of a policy decision (its ``outcome`` field, never its reason text)."""
     return _OUTCOME_STATUS[d.outcome]
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_problem(value: Any) -> str | None:
+    """Why a parsed command cannot be handled (too deep, unstorable text), or None.
+
+    Iterative, so a deep value cannot raise RecursionError here.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"malformed command: nested deeper than {MAX_DEPTH}"
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"unencodable text: {printable(v[:40])!r} is not valid UTF-8"
+        elif isinstance(v, dict):
+            stack.extend((k, depth + 1) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return None

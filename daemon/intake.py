@@ -55,9 +55,14 @@ class CameraFolder:
         self.real_root = Path(os.path.realpath(cam.watch))
         self.glob = cam.glob
         self.recursive = cam.recursive
+        self._unnamable: set[str] = set()
 
     def rel(self, path: Path) -> str | None:
-        """Path relative to the folder, or None when the file is not ours to score."""
+        """Path relative to the folder, or None when the file is not ours to score.
+
+        A name that is not valid UTF-8 cannot be stored or published: it is refused with
+        one warning (it would otherwise fail, and be offered again, on every scan).
+        """
         try:
             rel = path.relative_to(self.root)
         except ValueError:
@@ -75,7 +80,16 @@ class CameraFolder:
                 return None
         elif Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             return None
-        return rel.as_posix()
+        text = rel.as_posix()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "backslashreplace").decode()
+            if shown not in self._unnamable:
+                self._unnamable.add(shown)
+                log.warning("skip %s/%s: file name is not valid UTF-8", self.id, shown)
+            return None
+        return text
 
     def refuse_reason(self, path: Path) -> str | None:
         """Why a file must not be read: a symlink leading out of the folder, or not a file."""

@@ -1,7 +1,7 @@
 """The one long-lived MQTT client (paho-mqtt 2, callback API v2, MQTT v5).
 
 paho runs its own network thread (``loop_start``) and its own reconnect with back-off.
-The callbacks here do nothing but put tuples on two queues: ``events`` (connection
+The callbacks here do nothing but put typed events on two queues: ``events`` (connection
 changes and PUBACKs, consumed by the relay) and ``inbox`` (commands, consumed by the
 command handler). They never take a lock that ``publish()`` callers hold.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +42,38 @@ class Inbound:
     correlation: bytes | None
 
 
-#: event tuples: ("connected", session_present, broker_receive_maximum | None) |
-#: ("connect_failed", reason) | ("disconnected", reason) |
-#: ("puback", mid, reason_code_value, reason_name)
-Event = tuple[Any, ...]
+@dataclass(frozen=True)
+class Connected:
+    """CONNACK success; ``receive_max`` is the broker's MQTT v5 Receive Maximum, if sent."""
+
+    session_present: bool
+    receive_max: int | None
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    """No connection: TCP/TLS failure or a CONNACK refusal; ``reason`` names host:port."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """An established connection ended."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PubAck:
+    """The broker's answer to one QoS 1 publish (``code`` >= 0x80 is a refusal)."""
+
+    mid: int
+    code: int
+    name: str
+
+
+LinkEvent = Connected | ConnectFailed | Disconnected | PubAck
 
 
 class MqttLink:
@@ -56,7 +86,7 @@ class MqttLink:
         self.topics = topics
         self.client_id = client_id
         self.reconnect_max_s = reconnect_max_s
-        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
         self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.connected = threading.Event()
         self._client: Any = None
@@ -140,31 +170,39 @@ class MqttLink:
             self._client.ack(mid, qos)
 
     # ------------------------------------------------------------------ paho callbacks
+    @property
+    def where(self) -> str:
+        """``host:port`` of the broker (named in every connection log line and alarm)."""
+        return f"{self.cfg.host}:{self.cfg.port}"
+
     def _on_pre_connect(self, client: Any, userdata: Any) -> None:
         if self.cfg.username is not None:  # secrets are read at use, on every (re)connect
             try:
                 client.username_pw_set(self.cfg.username, self.cfg.password())
             except Exception as e:  # noqa: BLE001 - reported, paho retries
-                self.events.put(("connect_failed", f"password: {e}"))
+                self.events.put(ConnectFailed(f"mqtt {self.where}: password: {e}"))
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self.connected.clear()
-            self.events.put(("connect_failed", str(rc)))
+            self.events.put(ConnectFailed(f"mqtt {self.where}: connection refused: {rc}"))
         else:
             self.connected.set()
             receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
-            self.events.put(("connected", bool(flags.session_present), receive_max))
+            rm = receive_max if isinstance(receive_max, int) and receive_max > 0 else None
+            self.events.put(Connected(bool(flags.session_present), rm))
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
-        self.events.put(("connect_failed", "no connection"))
+        # paho calls this inside its ``except OSError`` block: the error is still current
+        err = sys.exc_info()[1]
+        self.events.put(ConnectFailed(f"mqtt {self.where}: {describe_connect_error(err)}"))
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.connected.clear()
-        self.events.put(("disconnected", str(rc)))
+        self.events.put(Disconnected(f"mqtt {self.where}: {rc}"))
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        self.events.put(("puback", mid, int(rc.value), str(rc)))
+        self.events.put(PubAck(mid, int(rc.value), str(rc)))
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         props = getattr(msg, "properties", None)
@@ -179,3 +217,16 @@ class MqttLink:
                 correlation=getattr(props, "CorrelationData", None),
             )
         )
+
+
+def describe_connect_error(err: BaseException | None) -> str:
+    """One line for a failed TCP/TLS connection (a TLS failure says so: wrong CA, name)."""
+    if err is None:
+        return "no connection"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {err.verify_message} (check mqtt.tls.ca_file)"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS handshake failed: {err.reason or err}"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused (no broker listening)"
+    return f"no connection ({type(err).__name__}: {err})"

@@ -30,7 +30,7 @@ from ngcal.core.thresholds import OperatingPoint, ThresholdFile
 
 from .config import RecalibrationConfig
 from .messages import RECAL_SCHEMA, Outbound, Topics
-from .store import Store, append_audit, enqueue
+from .store import Store, append_audit, enqueue, put_meta
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ class ThresholdKeeper:
             )
         st = PolicyState.initial(self.bundle.thresholds)
         with self.store.tx() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO meta VALUES (?,?)", (STATE_KEY, json.dumps(st.to_json()))
-            )
+            put_meta(c, STATE_KEY, st.to_json())
             append_audit(
                 c,
                 "ngcal daemon",
@@ -168,10 +166,7 @@ class ThresholdKeeper:
         event = recalibration_event(self.topics, d, kind)
         with self.store.tx() as c:
             if d.applied:
-                c.execute(
-                    "INSERT OR REPLACE INTO meta VALUES (?,?)",
-                    (STATE_KEY, json.dumps(d.new_state.to_json())),
-                )
+                put_meta(c, STATE_KEY, d.new_state.to_json())
             append_audit(c, str(d.audit.get("actor", "")), kind, d.audit)
             enqueue(c, event)
             if on_commit is not None:

@@ -8,8 +8,16 @@ held rows are retried after ``refused_hold_s`` and on every reconnect. Rows paho
 holds are not republished after a reconnect: paho resends them itself (with DUP set).
 After a crash paho's memory is gone and every row still in the outbox goes out again.
 
+A row paho will not even queue (a payload or topic it refuses) is put on hold the same
+way and the next rows go on: no single row can stall the outbox.
+
+A connection failure is logged once per distinct reason (the line names host:port and
+the cause: TLS trust, credentials, no listener) and raised as the ``mqtt_connect_failed``
+alarm, cleared on the next successful connect; retries repeat at debug level.
+
 The same thread publishes the retained availability/threshold/status messages on every
-connect and the status every ``status_interval_s``.
+connect and the status every ``status_interval_s``. The relay needs only a ``Publisher``
+(the link, or a fake in unit tests) and a ``Clock``.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
+from typing import Protocol
 
-from .link import MqttLink
+from .clock import SYSTEM_CLOCK, Clock
+from .link import Connected, ConnectFailed, Disconnected, LinkEvent, PubAck
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,24 @@ log = logging.getLogger(__name__)
 MQTT_ERR_SUCCESS = 0
 MQTT_ERR_NO_CONN = 4
 FAILURE = 0x80
+#: a row paho refused to queue is held like a broker refusal; this is its reason code
+LOCAL_REFUSAL = 0x100
+
+
+class Publisher(Protocol):
+    """What the relay needs from the MQTT link."""
+
+    events: queue.SimpleQueue[LinkEvent]
+    connected: threading.Event
+
+    @property
+    def where(self) -> str: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> tuple[int, int]:
+        """Queue a QoS 1 publish; (mid, paho rc). May raise ValueError for a bad topic."""
+        ...
+
+    def subscribe_commands(self) -> None: ...
 
 
 class Relay:
@@ -36,14 +63,16 @@ class Relay:
     def __init__(
         self,
         store: Store,
-        link: MqttLink,
+        link: Publisher,
         *,
         max_inflight: int,
         retained: Callable[[], list[tuple[str, bytes]]],
         status_interval_s: float,
         refused_hold_s: float = 60.0,
         on_connected: Callable[[bool], None] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.store = store
         self.link = link
         self.max_inflight = max_inflight
@@ -58,12 +87,13 @@ class Relay:
         self._republish = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.heartbeat = time.monotonic()
+        self.heartbeat = clock.monotonic()
         self.published = 0
         self.acked = 0
         self.refused = 0
         self.connected_since: float | None = None
         self.last_disconnect: str | None = None
+        self._last_failure: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ngcal-relay", daemon=True)
@@ -80,12 +110,12 @@ class Relay:
 
     def drain(self, timeout: float) -> bool:
         """Wait until the outbox is empty (True) or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = self.clock.monotonic() + timeout
+        while self.clock.monotonic() < deadline:
             if self.backlog() == 0:
                 return True
             self._wake.set()
-            time.sleep(0.05)
+            self.clock.sleep(0.05)
         return self.backlog() == 0
 
     def backlog(self) -> int:
@@ -102,22 +132,27 @@ class Relay:
     def _loop(self) -> None:
         next_status = 0.0
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+            self.heartbeat = self.clock.monotonic()
             try:
-                self._handle_events()
-                if self.link.connected.is_set():
-                    if self._republish.is_set():
-                        self._republish.clear()
-                        self.publish_retained(status_only=False)
-                    self._fill()
-                    if time.monotonic() >= next_status:
-                        self.publish_retained(status_only=True)
-                        next_status = time.monotonic() + self.status_interval_s
+                next_status = self.step(next_status)
             except Exception:  # noqa: BLE001 - the relay must survive and retry
                 log.exception("relay iteration failed; retrying")
-                time.sleep(0.5)
-            self._wake.wait(timeout=0.05 if self.inflight else 0.25)
+                self.clock.sleep(0.5)
+            self.clock.wait(self._wake, 0.05 if self.inflight else 0.25)
             self._wake.clear()
+
+    def step(self, next_status: float = 0.0) -> float:
+        """One iteration: take link events, publish what fits; returns the next status time."""
+        self._handle_events()
+        if self.link.connected.is_set():
+            if self._republish.is_set():
+                self._republish.clear()
+                self.publish_retained(status_only=False)
+            self._fill()
+            if self.clock.monotonic() >= next_status:
+                self.publish_retained(status_only=True)
+                next_status = self.clock.monotonic() + self.status_interval_s
+        return next_status
 
     def _handle_events(self) -> None:
         acked: list[int] = []
@@ -126,23 +161,23 @@ class Relay:
                 ev = self.link.events.get_nowait()
             except queue.Empty:
                 break
-            kind = ev[0]
-            if kind == "puback":
-                _, mid, code, name = ev
-                row = self.inflight.pop(mid, None)
-                topic = self._retained_mids.pop(mid, None)
-                if code >= FAILURE:
-                    self._refused(row, topic, code, name)
+            if isinstance(ev, PubAck):
+                row = self.inflight.pop(ev.mid, None)
+                topic = self._retained_mids.pop(ev.mid, None)
+                if ev.code >= FAILURE:
+                    self._refused(row, topic, ev.code, ev.name)
                 elif row is not None:
                     acked.append(row)
-            elif kind == "connected":
-                self.receive_max = ev[2] if isinstance(ev[2], int) and ev[2] > 0 else None
-                self._connected(bool(ev[1]))
-            elif kind in ("disconnected", "connect_failed"):
-                if self.connected_since is not None or kind == "connect_failed":
-                    log.warning("mqtt %s: %s", kind, ev[1])
+            elif isinstance(ev, Connected):
+                self.receive_max = ev.receive_max
+                self._connected(ev.session_present)
+            elif isinstance(ev, ConnectFailed):
+                self._connect_failed(ev.reason)
+            elif isinstance(ev, Disconnected):
+                if self.connected_since is not None:
+                    log.warning("%s (disconnected)", ev.reason)
                 self.connected_since = None
-                self.last_disconnect = str(ev[1])
+                self.last_disconnect = ev.reason
         if acked:
             self.store.mark_sent(acked)
             self.acked += len(acked)
@@ -153,13 +188,27 @@ class Relay:
             session_present,
             len(self.inflight),
         )
-        self.connected_since = time.time()
+        self.connected_since = self.clock.time()
+        self._last_failure = None
         self.link.subscribe_commands()
         self.store.release_holds()
         self.store.clear_alarms("mqtt_disconnected")
+        self.store.clear_alarms("mqtt_connect_failed")
         self.publish_retained(status_only=False)
         if self.on_connected is not None:
             self.on_connected(session_present)
+
+    def _connect_failed(self, reason: str) -> None:
+        """One error line and one alarm per distinct reason; repeats at debug level."""
+        self.connected_since = None
+        self.last_disconnect = reason
+        if reason == self._last_failure:
+            log.debug("%s (still)", reason)
+            return
+        self._last_failure = reason
+        log.error("%s; verdicts wait in the outbox, retrying", reason)
+        self.store.clear_alarms("mqtt_connect_failed")
+        self.store.raise_alarm("mqtt_connect_failed", reason)
 
     def _refused(self, row: int | None, topic: str | None, code: int, name: str) -> None:
         self.refused += 1
@@ -181,13 +230,16 @@ class Relay:
             return
         rows = self.store.unsent(exclude=set(self.inflight.values()), limit=room)
         for r in rows:
-            mid, rc = self.link.publish(r.topic, r.payload, retain=r.retain)
+            try:
+                mid, rc = self.link.publish(r.topic, r.payload, retain=r.retain)
+            except ValueError as e:  # e.g. a topic paho refuses: would fail forever
+                self._refused(r.id, None, LOCAL_REFUSAL, f"not publishable: {e}")
+                continue
             if rc in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
                 self.inflight[mid] = r.id
                 self.published += 1
             else:
-                log.warning("publish of outbox row %d not queued (paho rc %d)", r.id, rc)
-                break
+                self._refused(r.id, None, LOCAL_REFUSAL, f"paho rc {rc}")
 
     def publish_retained(self, *, status_only: bool) -> None:
         """(Re)publish the retained state messages (all of them, or just the status)."""

@@ -5,13 +5,19 @@ model (onnxruntime releases the GIL), so decoding overlaps inference. The score 
 whatever is prepared, up to ``batch_size``, without waiting for a full batch: a batch
 forms only when files arrive faster than they are scored. Unreadable images become ERROR
 verdicts with the ``ImageError`` reason; a file deleted before it was read is a logged skip.
-Each batch's verdicts and outbound messages are committed in one transaction.
+Each batch's verdicts and outbound messages are committed in one transaction; the
+decision itself is ``decision.decide``. The pipeline reads candidates from a queue and
+reports each finished one to a ``done`` callback: it never calls into the intake.
+
+No file can stall the pipeline: when a batch fails, each item is retried alone, and an
+item that fails alone becomes an ERROR verdict (``internal_error: ...``) instead of being
+offered again forever; only a transient database error (busy, disk full) leaves the file
+for the next scan.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -25,10 +31,12 @@ from ngcal.core.files import sha256_file
 from ngcal.core.images import load_rgb, preprocess
 from ngcal.core.scorer import Scorer
 
-from .intake import Candidate, Intake
-from .messages import Label, Outbound, Topics, Verdict, make_msg_id
+from .clock import SYSTEM_CLOCK, Clock
+from .decision import Scored, decide
+from .intake import Candidate
+from .messages import Outbound, Topics, Verdict, make_msg_id
 from .recalibration import ThresholdKeeper
-from .store import Store
+from .store import Store, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,14 @@ class Prepared:
 
 
 class ScoringPipeline:
-    """The prepare and score threads between the intake queue and the store."""
+    """The prepare and score threads between the candidate queue and the store."""
 
     def __init__(
         self,
         *,
         device: str,
-        intake: Intake,
+        source: queue.Queue[Candidate],
+        done: Callable[[Candidate], None],
         scorer: Scorer,
         keeper: ThresholdKeeper,
         store: Store,
@@ -62,9 +71,12 @@ class ScoringPipeline:
         batch_size: int,
         max_pixels: int,
         on_commit: Callable[[int], None],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.device = device
-        self.intake = intake
+        self.source = source
+        self._done = done
+        self.clock = clock
         self.scorer = scorer
         self.keeper = keeper
         self.store = store
@@ -91,7 +103,7 @@ class ScoringPipeline:
     def stop(self, timeout: float) -> None:
         """Finish what is queued within ``timeout`` seconds, then stop both threads."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.intake.queue.qsize() or self._ready.qsize()):
+        while time.monotonic() < deadline and (self.source.qsize() or self._ready.qsize()):
             time.sleep(0.05)
         self._stop.set()
         for t in self._threads:
@@ -103,12 +115,12 @@ class ScoringPipeline:
             while not self._stop.is_set():
                 self.heartbeat["prepare"] = time.monotonic()
                 try:
-                    cand = self.intake.queue.get(timeout=0.5)
+                    cand = self.source.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 item = self._prepare(cand)
                 if item is None:
-                    self.intake.done(cand)
+                    self._done(cand)
                     continue
                 while not self._stop.is_set():
                     try:
@@ -117,7 +129,7 @@ class ScoringPipeline:
                     except queue.Full:
                         self.heartbeat["prepare"] = time.monotonic()
                 else:
-                    self.intake.done(cand)
+                    self._done(cand)
         finally:
             self._prep_done.set()
 
@@ -172,50 +184,62 @@ class ScoringPipeline:
                 if nxt is not None:
                     batch.append(nxt)
             try:
-                self._score_and_commit(batch)
-            except Exception:  # noqa: BLE001 - a worker must survive; files are re-offered
-                log.exception(
-                    "scoring a batch of %d failed; files stay for the next scan", len(batch)
-                )
-                time.sleep(1.0)
+                self._commit_isolating(batch)
             finally:
                 for p in batch:
-                    self.intake.done(p.cand)
+                    self._done(p.cand)
 
-    def _score_and_commit(self, batch: list[Prepared]) -> None:
-        good = [p for p in batch if p.tensor is not None]
-        scores: dict[int, float | str] = {}
+    def _commit_isolating(self, batch: list[Prepared]) -> None:
+        """Commit ``batch``; on failure retry each item alone, then decide it ERROR.
+
+        Only a transient database error leaves a file unmarked (the next scan offers it
+        again); every other failure would recur, so it becomes the file's ERROR verdict.
+        """
+        try:
+            self._score_and_commit(batch)
+            return
+        except Exception as e:  # noqa: BLE001 - a worker must survive
+            if is_transient(e):
+                log.warning(
+                    "batch of %d not committed (%s); files stay for the next scan", len(batch), e
+                )
+                self.clock.sleep(1.0)
+                return
+            log.exception("scoring a batch of %d failed; retrying each file alone", len(batch))
+        for p in batch:
+            try:
+                self._score_and_commit([p])
+                continue
+            except Exception as e:  # noqa: BLE001 - isolate the poison item
+                if is_transient(e):
+                    log.warning(
+                        "%s/%s not committed (%s); it stays for the next scan",
+                        p.cand.camera,
+                        p.cand.rel,
+                        e,
+                    )
+                    continue
+                reason = f"internal_error: {type(e).__name__}: {e}"
+            try:
+                self._score_and_commit([p], forced_error=reason)
+            except Exception:  # noqa: BLE001 - nothing more can be done for this file now
+                log.exception("%s/%s: cannot record its ERROR verdict", p.cand.camera, p.cand.rel)
+
+    def _score_and_commit(self, batch: list[Prepared], *, forced_error: str | None = None) -> None:
+        """Score the readable items together, decide each one, commit all verdicts at once."""
+        results: dict[int, Scored] = {}
+        good = [i for i, p in enumerate(batch) if p.tensor is not None and forced_error is None]
         score_ms = 0.0
         if good:
             t0 = time.perf_counter()
-            stacked = np.stack([p.tensor for p in good if p.tensor is not None]).astype(np.float32)
-            try:
-                with self.score_lock:
-                    res = self.scorer.score(stacked)
-                for p, s in zip(good, res.image_scores.tolist(), strict=True):
-                    scores[id(p)] = s
-            except NgcalError as e:
-                log.error("batch scoring failed (%s); scoring one by one", e)
-                for p in good:
-                    scores[id(p)] = self._score_one(p)
+            results = dict(zip(good, self._score_batch([batch[i] for i in good]), strict=True))
             score_ms = (time.perf_counter() - t0) * 1e3 / len(good)
         thr = self.keeper.current
-        now = time.time()
+        now = self.clock.time()
         items: list[tuple[Verdict, Outbound]] = []
-        for p in batch:
-            s = scores.get(id(p))
-            label: Label
-            reason = p.error
-            score: float | None = None
-            if isinstance(s, str):
-                label, reason = "ERROR", s
-            elif s is None:
-                label = "ERROR"
-            elif not math.isfinite(s):
-                label, reason = "ERROR", "non_finite_score"
-            else:
-                score = float(s)
-                label = "NG" if score >= thr.value else "OK"
+        for i, p in enumerate(batch):
+            scored = results.get(i) or Scored.failed(forced_error or p.error or "unreadable")
+            d = decide(scored, thr.value)
             v = Verdict(
                 msg_id=make_msg_id(self.device, p.cand.camera, p.cand.rel, p.sha256, p.mtime_ns),
                 camera=p.cand.camera,
@@ -223,9 +247,9 @@ class ScoringPipeline:
                 size=p.size,
                 mtime_ns=p.mtime_ns,
                 sha256=p.sha256,
-                verdict=label,
-                reason=reason,
-                score=score,
+                verdict=d.label,
+                reason=d.reason,
+                score=d.score,
                 threshold=thr.value,
                 threshold_version=thr.version,
                 model_sha256=self.model_sha256,
@@ -237,24 +261,35 @@ class ScoringPipeline:
                     "total": round((now - p.cand.detected_at) * 1e3, 3),
                 },
             )
-            if label == "ERROR":
-                log.warning("ERROR verdict %s/%s: %s", p.cand.camera, p.cand.rel, reason)
+            if d.label == "ERROR":
+                log.warning("ERROR verdict %s/%s: %s", p.cand.camera, p.cand.rel, d.reason)
             items.append((v, Outbound(self.topics.verdict(v.camera), v.payload(), v.msg_id)))
         new = self.store.record_verdicts(items)
         self.verdicts += new
         self.last_verdict_at = now
         self._on_commit(new)
 
-    def _score_one(self, p: Prepared) -> float | str:
-        """Score one image after its batch failed; an error string becomes the ERROR reason."""
+    def _score_batch(self, good: list[Prepared]) -> list[Scored]:
+        """Scores of prepared tensors, in order; one by one when the batch call fails."""
+        stacked = np.stack([p.tensor for p in good if p.tensor is not None]).astype(np.float32)
+        try:
+            with self.score_lock:
+                res = self.scorer.score(stacked)
+            return [Scored(float(s)) for s in res.image_scores.tolist()]
+        except NgcalError as e:
+            log.error("batch scoring failed (%s); scoring one by one", e)
+            return [self._score_one(p) for p in good]
+
+    def _score_one(self, p: Prepared) -> Scored:
+        """Score one image after its batch failed; a failure becomes the ERROR reason."""
         if p.tensor is None:
-            return p.error or "unreadable"
+            return Scored.failed(p.error or "unreadable")
         try:
             with self.score_lock:
                 res = self.scorer.score(p.tensor[None])
-            return float(res.image_scores[0])
+            return Scored(float(res.image_scores[0]))
         except NgcalError as e:
-            return f"scorer_failed: {e}"
+            return Scored.failed(f"scorer_failed: {e}")
 
     def score_file(self, path: str) -> float:
         """Score one file now (confirmed images from the intake folder); raises ImageError."""

@@ -83,7 +83,8 @@ class Daemon:
         self.intake = Intake(cfg.cameras, cfg.intake, self.store, on_skip=self._skipped)
         self.pipeline = ScoringPipeline(
             device=cfg.device_id,
-            intake=self.intake,
+            source=self.intake.queue,
+            done=self.intake.done,
             scorer=self.scorer,
             keeper=self.keeper,
             store=self.store,

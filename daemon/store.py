@@ -14,6 +14,7 @@ scores it again under the same deterministic msg_id. Each thread gets its own co
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -294,7 +295,7 @@ class Store:
     # ------------------------------------------------------------------ meta
     def set_meta(self, key: str, value: Any) -> None:
         with self.tx() as c:
-            c.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value)))
+            put_meta(c, key, value)
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         rows = self.query("SELECT value FROM meta WHERE key=?", (key,))
@@ -315,3 +316,51 @@ def append_audit(c: sqlite3.Connection, actor: str, kind: str, entry: dict[str, 
         "INSERT INTO audit (at, actor, kind, entry) VALUES (?,?,?,?)",
         (time.time(), actor, kind, json.dumps(entry, default=str, sort_keys=True)),
     )
+
+
+def put_meta(c: sqlite3.Connection, key: str, value: Any) -> None:
+    """Set one ``meta`` key (a JSON value) inside the caller's transaction."""
+    c.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value)))
+
+
+def add_command(
+    c: sqlite3.Connection,
+    request_id: str,
+    kind: str,
+    status: str,
+    reason: str | None,
+    payload: str,
+) -> None:
+    """Record a handled command (idempotency by ``request_id``; a replay keeps the first)."""
+    c.execute(
+        "INSERT OR IGNORE INTO commands VALUES (?,?,?,?,?,?)",
+        (request_id, kind, status, reason, payload, time.time()),
+    )
+
+
+def add_confirmation(
+    c: sqlite3.Connection,
+    request_id: str,
+    *,
+    msg_id: str | None,
+    sha256: str,
+    label: str,
+    score: float,
+    operator: str,
+) -> None:
+    """Record an operator's label of one image with its score, in the caller's transaction."""
+    c.execute(
+        "INSERT INTO confirmations VALUES (?,?,?,?,?,?,?)",
+        (request_id, msg_id, sha256, label, float(score), operator, time.time()),
+    )
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors that pass by themselves: SQLite busy/locked, disk or database full.
+
+    Everything else (constraint and encoding errors, bugs) would fail again on a retry.
+    """
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e).lower()
+        return any(k in text for k in ("locked", "busy", "disk is full", "database or disk"))
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -134,7 +134,8 @@ def test_file_deleted_before_scoring_is_a_logged_skip(tmp_path: Path, tiny_bundl
     commits: list[int] = []
     pipe = ScoringPipeline(
         device="dev1",
-        intake=intake,
+        source=intake.queue,
+        done=intake.done,
         scorer=scorer,
         keeper=keeper,
         store=store,
