@@ -99,6 +99,7 @@ def compare_rules(
         nearest_cdist,
         nearest_distance_gemm,
     )
+    from ngcal.patchcore.rules import ImageRule
 
     m = loaded.module
     rules = {
@@ -117,11 +118,11 @@ def compare_rules(
     t_naive = 0.0
     n_naive = 0
     max_diff = 0.0
-    saved = (m.image_score, m.topk)
+    saved = m.rule
     with torch.inference_mode():
         for i, s in enumerate(test):
             x, _, _ = load_batch([s.path], loaded.preprocessing)
-            m.image_score, m.topk = saved  # the rules loop below changes them
+            m.rule = saved  # the rules loop below changes it
             levels = m.embedder.levels(torch.from_numpy(x))
             feats = m.embedder.combine(levels)
             q = feats.reshape(-1, feats.shape[-1])
@@ -160,9 +161,9 @@ def compare_rules(
                 n_naive += 1
             dist, ind = d.reshape(1, -1), idx.reshape(1, -1)
             for name, (rule, k) in rules.items():
-                m.image_score, m.topk = rule, k
+                m.rule = ImageRule(rule, k)
                 out[name][i] = float(m.image_scores(feats, dist, ind)[0])
-    m.image_score, m.topk = saved
+    m.rule = saved
     if score_diff > 1e-4:
         raise SystemExit(f"image scores from our search differ from cdist's by {score_diff}")
     n = len(test)

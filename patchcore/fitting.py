@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -41,8 +41,9 @@ from ngcal.core.scoresets import ScoreSet, save_scoreset
 from . import io as mio
 from .backbones import LITE0, default_preprocessing, load_backbone
 from .coreset import CoresetRun, greedy_coresets, random_projection
-from .model import IMAGE_SCORE_RULES, PatchCore, PatchEmbedder, reweight
+from .model import PatchCore, PatchEmbedder
 from .nn_search import nearest, nearest_distance, squared_norms
+from .rules import ImageRule, image_scores
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class FitConfig:
             raise ConfigError(f"batch size {self.batch_size}: must be >= 1")
         if not 0 < self.coreset_ratio <= 1:
             raise ConfigError(f"--coreset-ratio {self.coreset_ratio}: must be in (0, 1]")
-        if self.image_score not in IMAGE_SCORE_RULES:
-            raise ConfigError(f"image score {self.image_score!r}: one of {IMAGE_SCORE_RULES}")
+        ImageRule(self.image_score, self.topk)  # ConfigError on an unknown rule or k < 1
         if not 0 < self.fold_sample <= 1:
             raise ConfigError(f"--fold-sample {self.fold_sample}: must be in (0, 1]")
         if self.cv_folds == 1 or self.cv_folds < 0:
@@ -148,30 +148,29 @@ def loo_scores(
             else:
                 dist, idx = nearest_distance(q, bank, bank_sq, exclude=own), None
             patch[i] = dist.numpy()
-            scores[i] = float(_score_excluding(model, q, dist, idx, own))
+            rows = None if idx is None else idx[None]
+            nbrs = _neighbours_excluding(model, own)
+            scores[i] = float(image_scores(model.rule, q[None], dist[None], rows, nbrs)[0])
     return scores, patch.reshape(-1)
 
 
-def _score_excluding(
-    model: PatchCore,
-    q: torch.Tensor,
-    dist: torch.Tensor,
-    idx: torch.Tensor | None,
-    own: torch.Tensor,
-) -> torch.Tensor:
-    if model.image_score == "topk_mean":
-        return dist.topk(min(model.topk, dist.numel())).values.mean()
-    s_star, p = dist.max(dim=0)
-    if model.image_score == "max":
-        return s_star
-    if idx is None:
-        raise ValueError("reweighted_max needs the nearest bank rows (idx)")
+def _neighbours_excluding(
+    model: PatchCore, own: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reweighting's bank neighbourhoods [N, b, D] of rows m_star [N] among the bank rows
+    not in ``own`` (bool [M]): m* first, then its nearest other rows."""
     bank = model.memory_bank
-    m_star = bank[idx[p]]
-    d2 = squared_norms(bank - m_star[None]).masked_fill(own, float("inf"))
-    d2[idx[p]] = -1.0  # m* itself first
-    nb = d2.topk(min(model.reweight_neighbors, int((~own).sum())), largest=False).indices
-    return reweight(s_star[None], q[p][None], bank[nb][None])[0]
+    b = min(model.reweight_neighbors, int((~own).sum()))
+
+    def rows(m_star: torch.Tensor) -> torch.Tensor:
+        out = []
+        for m in m_star.tolist():
+            d2 = squared_norms(bank - bank[m][None]).masked_fill(own, float("inf"))
+            d2[m] = -1.0  # m* itself first
+            out.append(bank[d2.topk(b, largest=False).indices])
+        return torch.stack(out)
+
+    return rows
 
 
 def fit(

@@ -9,12 +9,8 @@ projection. ``head``: exact nearest-neighbour distance of every patch to the mem
 upsampled to the input size and smoothed by a fixed Gaussian (sigma 4 px). ``forward``
 computes the same distances per feature level where that is cheaper (``factored``).
 
-Image score rules (``IMAGE_SCORE_RULES``):
-* ``reweighted_max``: the paper's eq. 7: the largest patch distance s*, scaled by
-  ``1 - softmax(-||m_test - n||)`` over the b bank neighbours n of its nearest bank row m*
-  (m* first), i.e. less weight where the bank is dense around m*.
-* ``topk_mean``: mean of the k largest patch distances.
-* ``max``: the largest patch distance.
+The image score is one of ``rules.IMAGE_SCORE_RULES`` (``rules``: max, top-k mean, the
+paper's reweighted max), computed by the same code at fit time and in the exported graph.
 Everything in ``forward`` is static given the bank: no data-dependent Python branches.
 """
 
@@ -31,13 +27,15 @@ from .nn_search import (
     gemm_blocks,
     gemm_operand,
     knn_bank,
-    nearest,
     nearest_distance_gemm,
     nearest_distance_levels,
+    nearest_gemm,
     squared_norms,
 )
+from .rules import IMAGE_SCORE_RULES, ImageRule
+from .rules import image_scores as rule_scores
 
-IMAGE_SCORE_RULES = ("reweighted_max", "topk_mean", "max")
+__all__ = ["IMAGE_SCORE_RULES", "PatchCore", "PatchEmbedder", "gaussian_kernel1d"]
 
 
 class PatchEmbedder(nn.Module):
@@ -99,17 +97,6 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
-def reweight(s_star: torch.Tensor, m_test: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-    """Paper eq. 7: ``s = (1 - softmax(||m_test - n_j||)_0) * s*``.
-
-    s_star [N]; m_test [N, D] the most anomalous patch; neighbours [N, b, D], its nearest
-    bank row m* first, then m*'s other b - 1 nearest bank rows.
-    """
-    d = torch.sqrt(((neighbours - m_test[:, None, :]) ** 2).sum(-1).clamp_min(0.0))
-    w = 1.0 - torch.softmax(d, dim=1)[:, 0]
-    return w * s_star
-
-
 class PatchCore(nn.Module):
     """PatchCore detector: ``forward(x [N,3,S,S]) -> (anomaly_map [N,S,S], image_score [N])``."""
 
@@ -133,12 +120,9 @@ class PatchCore(nn.Module):
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         super().__init__()
-        if image_score not in IMAGE_SCORE_RULES:
-            raise ValueError(f"image_score {image_score!r} not in {IMAGE_SCORE_RULES}")
         self.embedder = embedder
         self.image_size = int(image_size)
-        self.image_score = image_score
-        self.topk = int(topk)
+        self.rule = ImageRule(image_score, int(topk))
         self.reweight_neighbors = int(reweight_neighbors)
         self.smoothing_sigma = float(smoothing_sigma)
         self.chunk = int(chunk)
@@ -183,9 +167,19 @@ class PatchCore(nn.Module):
         return feats
 
     @property
+    def image_score(self) -> str:
+        """Name of the image score rule (``rule.name``)."""
+        return self.rule.name
+
+    @property
+    def topk(self) -> int:
+        """k of the image score rule (``rule.k``)."""
+        return self.rule.k
+
+    @property
     def needs_index(self) -> bool:
         """True when the image score rule needs each patch's nearest bank row."""
-        return self.image_score == "reweighted_max"
+        return self.rule.needs_index
 
     def patch_scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Nearest-bank distance [N, h*w] of every patch, and its bank index [N, h*w] when
@@ -195,29 +189,22 @@ class PatchCore(nn.Module):
         if not self.needs_index:
             dist = nearest_distance_gemm(q, self.bank_gemm, chunk=self.chunk)
             return dist.reshape(n, h * w), None
-        dist, idx = nearest(q, self.memory_bank, self.bank_sq, chunk=self.chunk)
+        dist, idx = nearest_gemm(q, self.bank_gemm, chunk=self.chunk)
         return dist.reshape(n, h * w), idx.reshape(n, h * w)
 
     def image_scores(
         self, feats: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor | None
     ) -> torch.Tensor:
-        """Image score [N] from patch distances [N, P] by ``self.image_score`` (``idx``, the
-        nearest bank rows [N, P], is only read by ``reweighted_max``)."""
-        if self.image_score == "topk_mean":
-            k = min(self.topk, dist.shape[1])
-            return dist.topk(k, dim=1).values.mean(dim=1)
-        s_star, p_star = dist.max(dim=1)
-        if self.image_score == "max":
-            return s_star
-        if idx is None:
-            raise ValueError("reweighted_max needs the nearest bank rows (idx)")
-        n, h, w, d = feats.shape
-        flat = feats.reshape(n, h * w, d)
-        m_test = torch.gather(flat, 1, p_star[:, None, None].expand(n, 1, d))[:, 0]
-        m_star = torch.gather(idx, 1, p_star[:, None])[:, 0]
+        """Image score [N] from patch distances [N, P] by ``self.rule`` (``rules``; ``idx``,
+        the nearest bank rows [N, P], is only read by ``reweighted_max``)."""
+        return rule_scores(self.rule, feats, dist, idx, self.bank_neighbour_rows)
+
+    def bank_neighbour_rows(self, m_star: torch.Tensor) -> torch.Tensor:
+        """Bank rows [N, b, D] of the b nearest bank rows of each row ``m_star`` [N] (itself
+        first): the neighbourhoods of the reweighted max."""
         nb = self.bank_neighbors.index_select(0, m_star)
-        rows = self.memory_bank.index_select(0, nb.reshape(-1)).reshape(n, nb.shape[1], d)
-        return reweight(s_star, m_test, rows)
+        d = self.memory_bank.shape[1]
+        return self.memory_bank.index_select(0, nb.reshape(-1)).reshape(-1, nb.shape[1], d)
 
     def anomaly_map(self, dist: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch distances [N, h*w] -> smoothed map [N, S, S] at the input resolution."""
@@ -244,8 +231,8 @@ class PatchCore(nn.Module):
     def factored(self, levels: list[torch.Tensor]) -> bool:
         """True when ``forward`` searches per feature level (``nearest_distance_levels``):
         no projection, no index needed, and at most 3/4 of the direct search's FLOPs. Never
-        while tracing (its reused buffers and ``out=`` kernel are eager-only; the export
-        view has its own factored graph)."""
+        while tracing (the eager form's reused buffers and ``out=`` kernel do not trace; the
+        export view calls its ``traceable`` form)."""
         if torch.onnx.is_in_onnx_export() or torch._C._get_tracing_state() is not None:
             return False
         if self.embedder.has_projection or self.needs_index or len(levels) < 2:

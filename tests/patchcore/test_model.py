@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: E402
 
+from ngcal.core.errors import ConfigError
 from ngcal.patchcore.model import PatchCore, PatchEmbedder  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -114,7 +115,7 @@ def test_anomaly_map_size_and_smoothing_keeps_constants() -> None:
 
 def test_unknown_rule_is_refused() -> None:
     """An unknown image score rule fails at construction, naming it."""
-    with pytest.raises(ValueError, match="median"):
+    with pytest.raises(ConfigError, match="median"):
         make("median")
 
 
