@@ -18,7 +18,8 @@ NG evidence is the fused mixture of synthetic and real NG (:mod:`ngcal.calibrati
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -88,125 +89,203 @@ def expected_rates(
     return rate_intervals(ev, threshold, level=level)
 
 
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How :func:`calibrate` chooses a threshold (keyword-only, validated at construction).
+
+    ``target_fpr``/``confidence`` serve mode ``target_fpr``; ``operating_point`` the modes
+    ``f1`` and ``cost``; ``miss_rate``/``required_severity`` mode ``miss_rate``. The rest
+    shape the evidence (``prior_pseudo_count``, ``normal_rule``) and the bootstrap.
+    """
+
+    mode: str = DEFAULT_MODE
+    target_fpr: float = 0.01
+    confidence: float = 0.95
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)
+    miss_rate: float = 0.05
+    required_severity: float | None = None
+    prior_pseudo_count: float = fusion.DEFAULT_PRIOR_PSEUDO_COUNT
+    normal_rule: str = "max"
+    n_boot: int = 200
+    level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who wrote a threshold version and where it sits in the history."""
+
+    model_sha256: str | None = None
+    created_by: str = "ngcal calibrate"
+    version: int = 1
+    parent_version: int | None = None
+    now: str | None = None
+
+
+Notes = dict[str, float | int | str | None]
+#: one mode: (fused evidence, the score sets, options) -> (threshold, method, notes)
+ModeRule = Callable[
+    [fusion.FusedEvidence, Sequence[ScoreSet], CalibrationOptions], tuple[float, str, Notes]
+]
+
+
+def _target_fpr(
+    ev: fusion.FusedEvidence, _sets: Sequence[ScoreSet], o: CalibrationOptions
+) -> tuple[float, str, Notes]:
+    # One threshold per normal group; the highest bounds every group's FPR at once.
+    per = [
+        normal.conformal_threshold(
+            x, target_fpr=o.target_fpr, confidence=o.confidence, level=o.level
+        )
+        for x in ev.normal_groups
+    ]
+    nt = max(per, key=lambda r: r.value)
+    return (
+        nt.value,
+        nt.method,
+        {
+            "normal_groups": len(per),
+            "normal_group_n": nt.n,
+            "guaranteed": int(nt.guaranteed),
+            "fpr_bound": nt.fpr_bound,
+            "order_statistic_k": nt.k,
+            "fpr_true_mean": nt.fpr_mean,
+            "fpr_true_low": nt.fpr_low,
+            "fpr_true_high": nt.fpr_high,
+        },
+    )
+
+
+def _boot(o: CalibrationOptions) -> dict[str, Any]:
+    return {"n_boot": o.n_boot, "level": o.level, "seed": o.seed}
+
+
+def _f1(
+    ev: fusion.FusedEvidence, _sets: Sequence[ScoreSet], o: CalibrationOptions
+) -> tuple[float, str, Notes]:
+    op = o.operating_point
+    t = ng.f1_threshold(ev.normal_groups, ev.ng, prevalence=op.prevalence, **_boot(o))
+    notes: Notes = {
+        "f1_estimate": t.objective,
+        "threshold_low": t.value_low,
+        "threshold_high": t.value_high,
+    }
+    return t.value, t.method, notes
+
+
+def _cost(
+    ev: fusion.FusedEvidence, _sets: Sequence[ScoreSet], o: CalibrationOptions
+) -> tuple[float, str, Notes]:
+    op = o.operating_point
+    t = ng.cost_threshold(
+        ev.normal_groups, ev.ng, prevalence=op.prevalence, cost_ratio=op.cost_ratio, **_boot(o)
+    )
+    notes: Notes = {
+        "cost_estimate": t.objective,
+        "threshold_low": t.value_low,
+        "threshold_high": t.value_high,
+    }
+    return t.value, t.method, notes
+
+
+def _miss_rate(
+    ev: fusion.FusedEvidence, sets: Sequence[ScoreSet], o: CalibrationOptions
+) -> tuple[float, str, Notes]:
+    sev = None
+    if o.required_severity is not None:
+        sev = fusion.weakest_required(sets, o.required_severity)
+        if sev is None:
+            raise DataError(f"no synthetic score set at severity >= {o.required_severity}")
+    sub = (
+        ev
+        if sev is None
+        else fusion.fuse(
+            sets,
+            prior_pseudo_count=o.prior_pseudo_count,
+            severities=[sev],
+            normal_rule=o.normal_rule,
+        )
+    )
+    t = ng.miss_rate_threshold(ev.normal_groups, sub.ng, miss_rate=o.miss_rate, **_boot(o))
+    notes: Notes = {
+        "miss_rate_target": o.miss_rate,
+        "severity": sev,
+        "threshold_low": t.value_low,
+        "threshold_high": t.value_high,
+    }
+    return t.value, t.method, notes
+
+
+#: mode -> rule; MODES lists the same names
+MODE_RULES: dict[str, ModeRule] = {
+    "target_fpr": _target_fpr,
+    "f1": _f1,
+    "cost": _cost,
+    "miss_rate": _miss_rate,
+}
+
+
 def calibrate(
     scoresets: Sequence[ScoreSet],
+    options: CalibrationOptions | None = None,
     *,
-    mode: str = DEFAULT_MODE,
-    target_fpr: float = 0.01,
-    confidence: float = 0.95,
-    operating_point: OperatingPoint | None = None,
-    miss_rate: float = 0.05,
-    required_severity: float | None = None,
-    prior_pseudo_count: float = fusion.DEFAULT_PRIOR_PSEUDO_COUNT,
-    normal_rule: str = "max",
-    n_boot: int = 200,
-    level: float = 0.95,
-    seed: int = 0,
-    model_sha256: str | None = None,
-    created_by: str = "ngcal calibrate",
-    version: int = 1,
-    parent_version: int | None = None,
-    now: str | None = None,
+    provenance: Provenance | None = None,
+    **overrides: Any,
 ) -> ThresholdFile:
     """Calibrate a threshold from tagged score sets (see the module docstring for modes).
 
-    Raises ConfigError for a bad option and DataError when the evidence cannot support
-    the mode (no normal scores; no NG scores for f1/cost/miss_rate).
+    ``overrides`` replace fields of ``options`` (``calibrate(sets, mode="f1")``); an
+    ``operating_point=None`` override keeps the default. Raises ConfigError for a bad
+    option and DataError when the evidence cannot support the mode (no normal scores; no
+    NG scores for f1/cost/miss_rate).
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not one of {MODES}")
-    op = operating_point or OperatingPoint()
-    ev = fusion.fuse(scoresets, prior_pseudo_count=prior_pseudo_count, normal_rule=normal_rule)
+    if overrides.get("operating_point", 0) is None:
+        del overrides["operating_point"]
+    unknown = sorted(set(overrides) - {f.name for f in fields(CalibrationOptions)})
+    if unknown:
+        raise ConfigError(f"calibrate(): unknown option(s) {unknown}")
+    o = replace(options or CalibrationOptions(), **overrides)
+    prov = provenance or Provenance()
+    ev = fusion.fuse(scoresets, prior_pseudo_count=o.prior_pseudo_count, normal_rule=o.normal_rule)
     if ev.normal.size < normal.MIN_NORMAL:
         raise DataError(
             f"{ev.normal.size} normal scores (normal_loo/normal_holdout/real_ok); "
             f"at least {normal.MIN_NORMAL} are needed"
         )
-    notes: dict[str, float | int | str | None] = {
+    notes: Notes = {
         "n_real_ng": ev.n_real_ng,
         "n_synthetic_ng": ev.n_synthetic,
         "synthetic_weight": round(ev.synthetic_weight, 6),
-        "prior_pseudo_count": prior_pseudo_count,
+        "prior_pseudo_count": o.prior_pseudo_count,
     }
     for name, w in ev.components.items():
         notes[f"weight:{name}"] = round(w, 6)
-    if mode != "target_fpr" and not ev.ng.scores:
+    if o.mode != "target_fpr" and not ev.ng.scores:
         raise DataError(
-            f"mode {mode!r} needs NG evidence (synthetic glass/diffusion or real_ng score "
+            f"mode {o.mode!r} needs NG evidence (synthetic glass/diffusion or real_ng score "
             "sets); none was given. Use mode 'target_fpr' or add NG score sets."
         )
-    kw: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed}
-    if mode == "target_fpr":
-        # One threshold per normal group; the highest bounds every group's FPR at once.
-        per = [
-            normal.conformal_threshold(x, target_fpr=target_fpr, confidence=confidence, level=level)
-            for x in ev.normal_groups
-        ]
-        nt = max(per, key=lambda r: r.value)
-        value, method = nt.value, nt.method
-        notes["normal_groups"] = len(per)
-        notes["normal_group_n"] = nt.n
-        notes.update(
-            guaranteed=int(nt.guaranteed),
-            fpr_bound=nt.fpr_bound,
-            order_statistic_k=nt.k,
-            fpr_true_mean=nt.fpr_mean,
-            fpr_true_low=nt.fpr_low,
-            fpr_true_high=nt.fpr_high,
-        )
-    elif mode == "f1":
-        t = ng.f1_threshold(ev.normal_groups, ev.ng, prevalence=op.prevalence, **kw)
-        value, method = t.value, t.method
-        notes.update(
-            f1_estimate=t.objective, threshold_low=t.value_low, threshold_high=t.value_high
-        )
-    elif mode == "cost":
-        t = ng.cost_threshold(
-            ev.normal_groups, ev.ng, prevalence=op.prevalence, cost_ratio=op.cost_ratio, **kw
-        )
-        value, method = t.value, t.method
-        notes.update(
-            cost_estimate=t.objective, threshold_low=t.value_low, threshold_high=t.value_high
-        )
-    else:
-        sev = None
-        if required_severity is not None:
-            sev = fusion.weakest_required(scoresets, required_severity)
-            if sev is None:
-                raise DataError(f"no synthetic score set at severity >= {required_severity}")
-        sub = (
-            ev
-            if sev is None
-            else fusion.fuse(
-                scoresets,
-                prior_pseudo_count=prior_pseudo_count,
-                severities=[sev],
-                normal_rule=normal_rule,
-            )
-        )
-        t = ng.miss_rate_threshold(ev.normal_groups, sub.ng, miss_rate=miss_rate, **kw)
-        value, method = t.value, t.method
-        notes.update(
-            miss_rate_target=miss_rate,
-            severity=sev,
-            threshold_low=t.value_low,
-            threshold_high=t.value_high,
-        )
-    fpr, fnr = rate_intervals(ev, value, level=level)
+    value, method, mode_notes = MODE_RULES[o.mode](ev, scoresets, o)
+    notes.update(mode_notes)
+    fpr, fnr = rate_intervals(ev, value, level=o.level)
     return ThresholdFile(
         value=float(value),
-        version=version,
-        mode=mode,
+        version=prov.version,
+        mode=o.mode,
         method=method,
-        target_fpr=target_fpr if mode == "target_fpr" else None,
-        confidence=confidence if mode == "target_fpr" else None,
-        operating_point=op,
+        target_fpr=o.target_fpr if o.mode == "target_fpr" else None,
+        confidence=o.confidence if o.mode == "target_fpr" else None,
+        operating_point=o.operating_point,
         expected_fpr=fpr,
         expected_fnr=fnr,
         evidence=dict(sorted(ev.counts.items())),
-        model_sha256=_model_sha(scoresets, model_sha256),
-        parent_version=parent_version,
-        created_at=now or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        created_by=created_by,
+        model_sha256=_model_sha(scoresets, prov.model_sha256),
+        parent_version=prov.parent_version,
+        created_at=prov.now or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_by=prov.created_by,
         notes={k: _note(v) for k, v in notes.items()},
     )

@@ -48,7 +48,9 @@ SMOOTH_BELOW = 200
 def synthetic_weight(n_real: int, prior_pseudo_count: float = DEFAULT_PRIOR_PSEUDO_COUNT) -> float:
     """Weight of synthetic NG after ``n_real`` confirmed NG: n0 / (n0 + n_real)."""
     if prior_pseudo_count < 0 or n_real < 0:
-        raise ValueError("prior_pseudo_count and n_real must be >= 0")
+        raise ConfigError(
+            f"prior_pseudo_count={prior_pseudo_count!r} and n_real={n_real!r} must be >= 0"
+        )
     if prior_pseudo_count == 0 and n_real == 0:
         return 1.0
     return prior_pseudo_count / (prior_pseudo_count + n_real)
@@ -62,10 +64,7 @@ def component_name(s: ScoreSet) -> str:
 def _kde_logpdf(sample: np.ndarray, at: np.ndarray, floor_bw: float) -> np.ndarray:
     """Gaussian KDE log-density of ``sample`` at ``at`` (Silverman bandwidth, floored)."""
     n = sample.size
-    sd = float(np.std(sample))
-    iqr = float(np.subtract(*np.percentile(sample, [75, 25])))
-    spread = min(sd, iqr / 1.349) if iqr > 0 else sd
-    bw = max(0.9 * spread * n ** (-0.2), floor_bw)
+    bw = max(silverman_bandwidth(sample), floor_bw)
     z = (at[:, None] - sample[None, :]) / bw
     return np.asarray(logsumexp(-0.5 * z**2, axis=1) - math.log(n * bw * math.sqrt(2 * math.pi)))
 

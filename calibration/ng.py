@@ -264,8 +264,8 @@ def miss_rate_threshold(
     """The highest threshold whose estimated miss rate on ``ng`` is at most ``miss_rate``.
 
     ``ng`` should hold only the weakest severity that must be caught (see
-    :func:`ngcal.calibration.fusion.at_severity`); the threshold is an NG score itself,
-    so that item is caught.
+    :func:`ngcal.calibration.fusion.weakest_required`, and ``fuse(..., severities=...)``);
+    the threshold is an NG score itself, so that item is caught.
     """
     if not 0.0 <= miss_rate < 1.0:
         raise ConfigError(f"miss_rate={miss_rate!r} must be in [0, 1)")

@@ -166,7 +166,9 @@ def gpd_pwm(exceedances: np.ndarray) -> tuple[float, float]:
     a1 = float(np.mean((1.0 - p) * y))
     den = a0 - 2.0 * a1
     if den <= 0 or a0 <= 0:
-        raise ValueError("degenerate exceedances for a GPD fit")
+        raise DataError(
+            f"degenerate exceedances for a GPD fit (n={n}, mean={a0:.6g}, a0-2a1={den:.6g})"
+        )
     k = a0 / den - 2.0  # Hosking-Wallis shape; scipy's c = -k
     return -k, 2.0 * a0 * a1 / den
 
@@ -212,7 +214,7 @@ def tail_threshold(
             ub = float(xb[n - m - 1])
             try:
                 boots.append(_gpd_quantile(xb[n - m :] - ub, ub, p_u, target_fpr))
-            except (ValueError, RuntimeError):  # degenerate resample
+            except (DataError, ValueError, RuntimeError):  # degenerate resample
                 continue
     finite = np.asarray([b for b in boots if math.isfinite(b)])
     upper = float(np.quantile(finite, confidence)) if finite.size else point

@@ -32,7 +32,7 @@ from ngcal.core.errors import ArtifactError, ConfigError, NgcalError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import OperatingPoint, ThresholdFile
 
-from . import estimate
+from . import estimate, fusion
 
 POLICY_STATE_SCHEMA = "ngcal.policy_state/1"
 
@@ -51,7 +51,7 @@ class PolicyConfig:
     confidence: float = 0.95
     operating_point: OperatingPoint = field(default_factory=OperatingPoint)
     miss_rate: float = 0.05
-    prior_pseudo_count: float = 2.0
+    prior_pseudo_count: float = fusion.DEFAULT_PRIOR_PSEUDO_COUNT
     normal_rule: str = "max"
     n_boot: int = 200
 
@@ -66,6 +66,19 @@ class PolicyConfig:
             raise ConfigError(f"normal_rule={self.normal_rule!r} is not 'max' or 'pooled'")
         if self.mode not in estimate.MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {estimate.MODES}")
+
+    def options(self) -> estimate.CalibrationOptions:
+        """The calibration options these guard rails propose with."""
+        return estimate.CalibrationOptions(
+            mode=self.mode,
+            target_fpr=self.target_fpr,
+            confidence=self.confidence,
+            operating_point=self.operating_point,
+            miss_rate=self.miss_rate,
+            prior_pseudo_count=self.prior_pseudo_count,
+            normal_rule=self.normal_rule,
+            n_boot=self.n_boot,
+        )
 
 
 def _dump(t: ThresholdFile) -> dict[str, Any]:
@@ -266,19 +279,14 @@ def recalibrate(
     try:
         proposed = estimate.calibrate(
             evidence,
-            mode=config.mode,
-            target_fpr=config.target_fpr,
-            confidence=config.confidence,
-            operating_point=config.operating_point,
-            miss_rate=config.miss_rate,
-            prior_pseudo_count=config.prior_pseudo_count,
-            normal_rule=config.normal_rule,
-            n_boot=config.n_boot,
-            model_sha256=old.model_sha256,
-            created_by=actor,
-            version=version,
-            parent_version=old.version,
-            now=now,
+            config.options(),
+            provenance=estimate.Provenance(
+                model_sha256=old.model_sha256,
+                created_by=actor,
+                version=version,
+                parent_version=old.version,
+                now=now,
+            ),
         )
     except NgcalError as e:
         return decide("refused", f"calibration failed: {e}")

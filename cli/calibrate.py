@@ -14,6 +14,7 @@ F1 assumes a prevalence that is rarely the line's, and a target FPR ignores miss
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ MODES = ("cost", "target_fpr", "f1", "miss_rate")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``ngcal calibrate``."""
+    from ngcal.core.thresholds import DEFAULT_COST_RATIO, DEFAULT_PREVALENCE
+
     p.add_argument("--model", required=True, type=Path, help="model directory or bundle")
     p.add_argument(
         "--scores",
@@ -51,14 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cost-ratio",
         type=float,
-        default=10.0,
-        help="a miss costs this many false rejects (cost mode)",
+        default=DEFAULT_COST_RATIO,
+        help=f"a miss costs this many false rejects (cost mode; default {DEFAULT_COST_RATIO:g})",
     )
     p.add_argument(
         "--prevalence",
         type=float,
-        default=0.02,
-        help="share of defective parts on the line (cost and f1 modes)",
+        default=DEFAULT_PREVALENCE,
+        help=f"share of defective parts on the line (cost and f1; default {DEFAULT_PREVALENCE:g})",
     )
     p.add_argument("--miss-rate", type=float, default=0.05, help="for --mode miss_rate")
     p.add_argument(
@@ -70,12 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prior-pseudo-count",
         type=float,
-        default=2.0,
-        help="how many real NG the synthetic NG evidence is worth (fusion prior)",
+        default=None,
+        help="how many real NG the synthetic NG evidence is worth (fusion prior; default 2)",
     )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", required=True, type=Path, help="thresholds.json to write")
     p.add_argument("--report", type=Path, default=None, help="HTML report to write")
+    p.add_argument("--title", default=None, help="report title (default: names the model's folder)")
 
 
 def model_identity(root: Path) -> tuple[str, bool]:
@@ -135,7 +139,7 @@ def _score_images(root: Path, is_bundle: bool, folder: Path, sha: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate and write thresholds.json (and the report)."""
-    from ngcal.calibration.estimate import calibrate
+    from ngcal.calibration.estimate import CalibrationOptions, Provenance, calibrate
     from ngcal.core.errors import ArtifactError, ConfigError, DataError
     from ngcal.core.scoresets import SCORESET_SCHEMA, load_scoresets
     from ngcal.core.thresholds import OperatingPoint, save_thresholds
@@ -170,26 +174,30 @@ def run(args: argparse.Namespace) -> int:
             f"--prevalence {args.prevalence} / --cost-ratio {args.cost_ratio}: prevalence must "
             "be in (0, 1) and cost ratio > 0"
         ) from e
-    t = calibrate(
-        sets,
+    options = CalibrationOptions(
         mode=args.mode,
         target_fpr=args.target_fpr,
         confidence=args.confidence,
         operating_point=op,
         miss_rate=args.miss_rate,
         required_severity=args.required_severity,
-        prior_pseudo_count=args.prior_pseudo_count,
         seed=args.seed,
-        model_sha256=sha,
     )
+    if args.prior_pseudo_count is not None:
+        options = dataclasses.replace(options, prior_pseudo_count=args.prior_pseudo_count)
+    t = calibrate(sets, options, provenance=Provenance(model_sha256=sha))
     save_thresholds(args.out, t)
     if args.report is not None:
         from ngcal.calibration.report import write_report
 
-        write_report(args.report, sets, t, title=f"ngcal calibration: {root.name}")
-    fpr = t.expected_fpr.value if t.expected_fpr else None
-    fnr = t.expected_fnr.value if t.expected_fnr else None
-    print(f"threshold {t.value:.6g} ({t.mode}, {t.method}); expected FPR {fpr}, miss rate {fnr}")
+        title = args.title or f"ngcal calibration: {root.resolve().name}"
+        write_report(args.report, sets, t, title=title)
+    from ngcal.cli.readable import rate
+
+    print(
+        f"threshold {t.value:.6g} ({t.mode}, {t.method}); expected FPR {rate(t.expected_fpr)}, "
+        f"miss rate {rate(t.expected_fnr)}"
+    )
     print(
         f"evidence: {t.evidence}; wrote {args.out}" + (f" and {args.report}" if args.report else "")
     )

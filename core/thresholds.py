@@ -18,6 +18,12 @@ from .files import atomic_write_json, read_json
 
 THRESHOLDS_SCHEMA: Final = "ngcal.thresholds/1"
 
+#: The default operating point, read by every part that needs one (calibrate, the policy,
+#: the daemon's config, the CLI): the share of defective parts on the line, and what a
+#: missed defect costs in false rejects.
+DEFAULT_PREVALENCE: Final = 0.02
+DEFAULT_COST_RATIO: Final = 10.0
+
 
 class Interval(BaseModel):
     """A point estimate with a two-sided interval at ``level`` confidence."""
@@ -33,8 +39,8 @@ class OperatingPoint(BaseModel):
     """The factory's costs: a miss costs ``cost_ratio`` false rejects at ``prevalence``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prevalence: float = Field(default=0.02, gt=0, lt=1)
-    cost_ratio: float = Field(default=10.0, gt=0)
+    prevalence: float = Field(default=DEFAULT_PREVALENCE, gt=0, lt=1)
+    cost_ratio: float = Field(default=DEFAULT_COST_RATIO, gt=0)
 
 
 class ThresholdFile(BaseModel):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ngcal.core.errors import ConfigError
+from ngcal.core.thresholds import DEFAULT_COST_RATIO, DEFAULT_PREVALENCE
 
 
 class _Section(BaseModel):
@@ -147,8 +148,12 @@ class RecalibrationConfig(_Section):
     target_fpr: float = Field(default=0.01, gt=0, lt=1, description="for mode target_fpr")
     miss_rate: float = Field(default=0.05, gt=0, lt=1, description="for mode miss_rate")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="confidence of rate bounds")
-    prevalence: float = Field(default=0.02, gt=0, lt=1, description="defect rate (mode cost)")
-    cost_ratio: float = Field(default=10.0, gt=0, description="miss cost / false reject cost")
+    prevalence: float = Field(
+        default=DEFAULT_PREVALENCE, gt=0, lt=1, description="defect rate (mode cost)"
+    )
+    cost_ratio: float = Field(
+        default=DEFAULT_COST_RATIO, gt=0, description="miss cost / false reject cost"
+    )
     auto_on_confirm: bool = Field(
         default=False, description="run the policy after every confirmation"
     )

@@ -79,3 +79,16 @@ def test_max_rule_bounds_a_drifted_normal_source(make_set: Callable[..., ScoreSe
     assert np.mean(fresh_line >= t_max.value) <= 0.05
     assert np.mean(fresh_line >= t_pool.value) > 0.05
     assert t_max.notes["normal_groups"] == 3
+
+
+def test_options_and_keyword_overrides_agree(simulated: Callable[..., list[ScoreSet]]) -> None:
+    """calibrate(sets, CalibrationOptions(...)) equals calibrate(sets, **same keywords)."""
+    from ngcal.calibration.estimate import CalibrationOptions, Provenance
+
+    sets = simulated(n_real=2)
+    o = CalibrationOptions(mode="f1", n_boot=0)
+    a = calibrate(sets, o, provenance=Provenance(now="t"))
+    b = calibrate(sets, mode="f1", n_boot=0, provenance=Provenance(now="t"))
+    assert a == b
+    with pytest.raises(ConfigError, match="unknown option"):
+        calibrate(sets, modes="f1")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ngcal.calibration import fusion
+from ngcal.core.errors import ConfigError
 from ngcal.core.scoresets import ScoreSet
 
 
@@ -49,3 +51,9 @@ def test_weakest_required_severity(simulated: Callable[..., list[ScoreSet]]) -> 
     assert fusion.weakest_required(sets, 1.5) == 2.0
     assert fusion.weakest_required(sets, 0.0) == 1.0
     assert fusion.weakest_required(sets, 3.0) is None
+
+
+def test_negative_pseudo_count_is_a_config_error() -> None:
+    """A negative prior is a ConfigError naming the value (inside NgcalError)."""
+    with pytest.raises(ConfigError, match="-1"):
+        fusion.synthetic_weight(3, -1.0)

@@ -110,3 +110,9 @@ def test_too_few_normal_scores_is_a_data_error() -> None:
     """Fewer than MIN_NORMAL scores are refused, naming the count."""
     with pytest.raises(DataError, match="only 3 normal scores"):
         normal.conformal_threshold(np.ones(3), target_fpr=0.1)
+
+
+def test_degenerate_gpd_fit_is_a_data_error() -> None:
+    """A tail of identical exceedances cannot be fitted: DataError (inside NgcalError)."""
+    with pytest.raises(DataError, match="degenerate"):
+        normal.gpd_pwm(np.zeros(12))
