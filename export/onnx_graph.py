@@ -44,7 +44,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -52,7 +52,14 @@ from torch.nn import functional as F
 
 from ngcal.core.errors import ArtifactError
 from ngcal.patchcore.model import PatchCore, PatchEmbedder
-from ngcal.patchcore.nn_search import LEVELS_CHUNK, nearest_distance_gemm
+from ngcal.patchcore.nn_search import (
+    LEVELS_CHUNK,
+    gemm_blocks,
+    nearest_distance_gemm,
+    nearest_distance_levels,
+    nearest_gemm,
+    squared_norms,
+)
 
 from .onnx_passes import fold_pads_into_convs, resize_channels_last
 
@@ -159,8 +166,7 @@ def map_operators(pc: PatchCore, grid: tuple[int, int]) -> tuple[torch.Tensor, t
 class ExportPatchCore(nn.Module):
     """Export view of a PatchCore: image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
 
-    bank_t_neg2: torch.Tensor
-    bank_sq: torch.Tensor
+    bank_blocks: torch.Tensor
     map_rows: torch.Tensor
     map_cols_t: torch.Tensor
 
@@ -184,19 +190,19 @@ class ExportPatchCore(nn.Module):
         ]
         _, h, w = self.level_shapes[0]
         self.grid = (h, w)
-        bank = pc.memory_bank.float()
         self.chunk = int(chunk)
         self.levels_chunk = int(levels_chunk)
-        self.bank_rows = int(bank.shape[0])
+        self.bank_rows = int(pc.memory_bank.shape[0])
         self.need_index = pc.needs_index
-        if self.need_index:
-            self.register_buffer("bank_t_neg2", (-2.0 * bank).t().contiguous())
-            self.register_buffer("bank_sq", (bank * bank).sum(dim=1).contiguous())
         # the factored search when the model's own forward takes it and every coarse grid
         # divides the patch grid (integer Resize scales, see nearest_levels)
         self.factored = pc.factored(levels) and all(
             h % hl == 0 and w % wl == 0 for _, hl, wl in self.level_shapes[1:]
         )
+        blocks = (
+            gemm_blocks(pc.bank_gemm, self.levels_chunk) if self.factored else torch.zeros(0, 0, 0)
+        )
+        self.register_buffer("bank_blocks", blocks, persistent=False)
         ops = map_operators(pc, self.grid) if fast_map else None
         self.fast_map = ops is not None
         a_y, a_x = ops if ops is not None else (torch.zeros(0, 0), torch.zeros(0, 0))
@@ -204,76 +210,27 @@ class ExportPatchCore(nn.Module):
         self.register_buffer("map_cols_t", a_x.t().contiguous())
 
     def nearest(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """q [P, D] -> (distance [P], nearest bank row [P] or None when not needed)."""
+        """q [P, D] -> (distance [P], nearest bank row [P] or None when not needed): the
+        model's own search (``nn_search``) with the export's chunk."""
         if not self.need_index:
             return nearest_distance_gemm(q, self.pc.bank_gemm, chunk=self.chunk), None
-        m = self.bank_rows
-        mins: list[torch.Tensor] = []
-        args: list[torch.Tensor] = []
-        for start in range(0, m, self.chunk):
-            stop = min(start + self.chunk, m)
-            d2 = torch.addmm(self.bank_sq[start:stop], q, self.bank_t_neg2[:, start:stop])
-            v, i = d2.min(dim=1)
-            mins.append(v)
-            args.append(i + start)
-        if len(mins) == 1:
-            best, idx = mins[0], args[0]
-        else:
-            best, which = torch.stack(mins, dim=1).min(dim=1)
-            idx = torch.gather(torch.stack(args, dim=1), 1, which[:, None])[:, 0]
-        best = best + (q * q).sum(dim=1)
-        return best.clamp_min(0.0).sqrt(), idx
+        return nearest_gemm(q, self.pc.bank_gemm, chunk=self.chunk)
 
     def nearest_levels(self, levels: list[torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
-        """``nn_search.nearest_distance_levels`` for the graph: levels [N, D_l, h_l, w_l],
-        feats [N, h, w, D] -> distance [N * h * w].
+        """levels [N, D_l, h_l, w_l], feats [N, h, w, D] -> distance [N * h * w]: the model's
+        per-level search (``nn_search.nearest_distance_levels``) in its traceable form.
 
-        Per bank chunk: the coarse products [N, h_l, w_l, mc] are upsampled with bank rows
-        as the LAST axis (``onnx_passes.resize_channels_last`` turns the traced
-        Transpose-Resize-Transpose into one Resize over axes 1 and 2: onnxruntime's
-        bilinear Resize over 256 channels-first maps took 6x as long) and passed as C of
-        the fine Gemm (no Add pass), then reduced over the last axis. Integer scales give
-        F.interpolate's size mapping exactly (``half_pixel``). Every size but N is a
-        Python int from ``__init__``, so the operand blocks fold into constants."""
-        (d0, h, w), coarse_shapes = self.level_shapes[0], self.level_shapes[1:]
-        fine = levels[0].permute(0, 2, 3, 1).reshape(-1, d0)
-        fine = torch.cat([torch.ones_like(fine[:, :1]), fine], dim=1)
-        coarse = [
-            lv.permute(0, 2, 3, 1).reshape(-1, dl)
-            for lv, (dl, _, _) in zip(levels[1:], coarse_shapes, strict=True)
-        ]
-        offsets = [1 + d0]
-        for dl, _, _ in coarse_shapes:
-            offsets.append(offsets[-1] + dl)
-        op = self.pc.bank_gemm
-        m = int(op.shape[1])
-        mins: list[torch.Tensor] = []
-        for start in range(0, m, self.levels_chunk):
-            stop = min(start + self.levels_chunk, m)
-            mc = stop - start
-            up_sum: torch.Tensor | None = None
-            for li, c in enumerate(coarse):
-                _, hl, wl = coarse_shapes[li]
-                prod = torch.matmul(c, op[offsets[li] : offsets[li + 1], start:stop])
-                up = F.interpolate(
-                    prod.reshape(-1, hl, wl, mc).permute(0, 3, 1, 2),
-                    scale_factor=(float(h // hl), float(w // wl)),
-                    mode="bilinear",
-                    align_corners=False,
-                    recompute_scale_factor=False,
-                )
-                up = up.permute(0, 2, 3, 1).reshape(-1, mc)
-                up_sum = up if up_sum is None else up_sum + up
-            fine_op = op[: 1 + d0, start:stop]
-            # Gemm with the upsampled products as C: no separate Add pass
-            if up_sum is None:
-                block = torch.matmul(fine, fine_op)
-            else:
-                block = torch.addmm(up_sum, fine, fine_op)
-            mins.append(block.amin(dim=1))
-        best = mins[0] if len(mins) == 1 else torch.stack(mins, dim=1).amin(dim=1)
-        best = best + (feats * feats).sum(dim=-1).reshape(-1)
-        return best.clamp_min(0.0).sqrt()
+        The coarse products are upsampled with bank rows as the last axis, which
+        ``onnx_passes.resize_channels_last`` turns from Transpose-Resize-Transpose into one
+        Resize over axes 1 and 2 (onnxruntime's channels-first Resize over the bank rows is
+        slow); the operand blocks are constants of the graph."""
+        return nearest_distance_levels(
+            [lv.permute(0, 2, 3, 1) for lv in levels],
+            self.bank_blocks,
+            squared_norms(feats).reshape(-1),
+            rows=self.bank_rows,
+            traceable=True,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
@@ -321,36 +278,30 @@ def export_onnx(
         warnings.filterwarnings(
             "ignore", message="Constant folding - Only steps=1", category=UserWarning
         )
+        options: dict[str, Any] = (
+            {
+                "opset_version": opset,
+                "dynamic_axes": {name: {0: "N"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                "do_constant_folding": True,
+                "dynamo": False,
+            }
+            if exporter == "legacy"
+            else {
+                "opset_version": max(opset, 18),
+                "dynamic_shapes": {"x": {0: torch.export.Dim("N", min=1, max=256)}},
+                "dynamo": True,
+                "verbose": False,
+            }
+        )
         try:
-            if exporter == "legacy":
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    str(out),
-                    input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
-                    opset_version=opset,
-                    dynamic_axes={
-                        INPUT_NAME: {0: "N"},
-                        "anomaly_map": {0: "N"},
-                        "image_score": {0: "N"},
-                    },
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
-            else:
-                batch = torch.export.Dim("N", min=1, max=256)
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    str(out),
-                    input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
-                    opset_version=max(opset, 18),
-                    dynamic_shapes={"x": {0: batch}},
-                    dynamo=True,
-                    verbose=False,
-                )
+            torch.onnx.export(
+                module,
+                (example,),
+                str(out),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                **options,
+            )
         except Exception as e:
             raise ArtifactError(f"{out}: ONNX export failed ({type(e).__name__}: {e})") from e
     model = onnx.load(str(out))
