@@ -118,3 +118,27 @@ def test_symlink_out_of_the_folder_is_refused_with_a_reason(tmp_path):
     intake.scan()
     assert len(skips) == 1, "a refused file is logged once, not on every scan"
     store.close()
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_once_and_never_stalls_the_scan(tmp_path, caplog):
+    """A name with undecodable bytes cannot be stored or published: it is skipped with one
+    warning, and the files sorted after it are still offered (on every scan)."""
+    import logging
+
+    intake, watch, store = make_intake(tmp_path)
+    write_image(watch / "a.png", 1)
+    write_image(watch / "z.png", 1)
+    bad = os.path.join(os.fsencode(watch), b"m\xff.png")
+    with open(bad, "wb") as f:
+        f.write((watch / "a.png").read_bytes())
+    old = time.time() - 10
+    for p in watch.iterdir():
+        os.utime(p, (old, old))
+    with caplog.at_level(logging.WARNING, logger="ngcal.daemon.intake"):
+        assert intake.scan() == 2
+        intake.done(intake.queue.get_nowait())
+        intake.done(intake.queue.get_nowait())
+        intake.scan()
+    warned = [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and "m\\udcff.png" in warned[0]
+    store.close()
