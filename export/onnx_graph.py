@@ -1,41 +1,21 @@
 """The exported graph: a fitted PatchCore as one ONNX model, image tensor in, map and score out.
 
 ``ExportPatchCore`` wraps ``ngcal.patchcore.model.PatchCore`` and computes the same
-function with operators that run faster in onnxruntime (the parity check bounds the
-difference; see ``export.parity``):
+function (the parity check bounds the difference, ``export.parity``) in a form that
+traces at opset 17 and runs fast in onnxruntime:
 
-* Embedding and the image-score rule are the wrapped module's own code, except that the
-  backbone's TF-"same" padding is fixed for the graph's input size
-  (``static_same_padding``) and folded into the convolutions after export
-  (``onnx_passes``): ~12% faster end to end in onnxruntime at 256 px, outputs unchanged.
-* Nearest neighbour, as the module's ``forward`` does it: per feature level where the
-  module factors its search (``nearest_levels``: coarse products at the coarse positions,
-  upsampled by a channels-last Resize, as C of the fine Gemm; ~8% faster end to end than
-  the direct form in onnxruntime), else ``nn_search.nearest_distance_gemm``: squared
-  distances as ONE MatMul per bank chunk of ``[1, q]`` with the constant
-  ``[||bank||^2; -2 * bank^T]`` (the module's ``bank_gemm``: the bank norms ride inside
-  the product, no bias pass). Either way ``ReduceMin`` over the bank, and the query's
-  squared norm added AFTER the min (it is constant along the bank axis), so the [P, M]
-  distance block is written once and read once. Only when the score rule needs the
-  nearest row (``reweighted_max``) is it a Gemm with the norms as bias plus ArgMin.
-* Anomaly map: bilinear upsampling, reflect padding and the separable Gaussian are all
-  linear and separable, so ``map = A_y @ D @ A_x^T`` with two constant matrices [S, h] and
-  [S, w] measured from the wrapped module itself (``map_operators``) and checked on random
-  inputs at export; two small matmuls replace an upsample and two 33-tap convolutions over
-  S x S. Where the check fails (a future map that is not linear), the module's own map is
-  exported instead.
+* the embedding and the image-score rule are the module's own code, with the backbone's
+  TF-"same" padding fixed for the graph's input size (``static_same_padding``) so that
+  ``onnx_passes`` can fold it into the convolutions;
+* the nearest-neighbour search is the module's own (``ngcal.patchcore.nn_search``) with
+  trace-friendly options: per feature level where the module factors it, else one MatMul
+  per bank chunk; the bank is a constant of the graph;
+* the anomaly map (upsampling, reflect pad, Gaussian: linear and separable) is
+  ``A_y @ D @ A_x^T`` with two constant matrices measured from the module
+  (``map_operators``), or the module's own map when that check fails.
 
-Why the memory bank is inside the graph (measured, ``benchmarks/latency.py``): the search
-is a dense GEMM that runs within ~1.1-1.5x of this CPU's matmul FLOP bound in
-onnxruntime; a faiss IndexFlatL2 beside the graph runs the same GEMM (BLAS) and adds a
-second runtime, a graph split and a copy of the features, and approximate indexes (IVF,
-HNSW) change the scores the thresholds were calibrated on. One file is also one hash.
-
-Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` at opset 17. The
-dynamo exporter (torch 2.14) only emits opset >= 18 (its down-conversion to 17 fails on
-Reduce* axes) and takes ~50x longer; its graph is cleaner, but the shape arithmetic the
-legacy exporter leaves is constant-folded by onnxruntime and TensorRT, so run time is the
-same. ``exporter="dynamo"`` is available (opset 18) and recorded in the manifest.
+Why these choices and what they were measured against: ``docs/decisions/0003`` (bank in
+the graph), ``0004`` (exporter), ``0005`` (rewrites), ``0002`` (per-level search).
 """
 
 from __future__ import annotations
@@ -67,13 +47,9 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
-#: Bank rows per MatMul in the exported search; measured best of 512..M on 1 thread
-#: (onnxruntime 1.32, 2-core AVX-512 CPU: 512 beat 1024 by ~9%, 2048 by ~25%; padding
-#: the inner dimension 153 to a multiple of 8 or 16 did not help).
+#: Bank rows per MatMul of the exported direct search (``docs/decisions/0005``).
 EXPORT_CHUNK = 512
-#: Bank rows per step of the exported per-level search (``nearest_levels``): the same
-#: ``nn_search.LEVELS_CHUNK`` as torch's (onnxruntime 1.32, 1 thread, magnetic-tile model:
-#: 128-256 rows ran the search in 11.3-11.7 ms, 512 in 12.9 ms, 1024 in 14.0 ms).
+#: Bank rows per step of the exported per-level search: torch's (``docs/decisions/0002``).
 LEVELS_EXPORT_CHUNK = LEVELS_CHUNK
 Exporter = Literal["legacy", "dynamo"]
 

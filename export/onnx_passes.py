@@ -6,11 +6,9 @@
 asymmetric (0 before, 1 after). onnxruntime runs such a Pad as its own pass, and on CPU it
 also breaks the blocked-layout (NCHWc) chain around it, so each Pad costs a reorder out of
 and back into that layout. ONNX ``Conv`` takes asymmetric ``pads`` itself, so a constant
-zero Pad over the spatial axes folds into the Conv that alone reads it. Measured on the
-magnetic-tile model (256 px, 1 thread, onnxruntime 1.32): the four Pads and five reorders
-cost ~4 ms of ~33 ms; after folding, the reorders are gone and the outputs are bitwise
-equal (``benchmarks/latency.py``). TensorRT's parser maps asymmetric Conv pads to pre- and
-post-padding.
+zero Pad over the spatial axes folds into the Conv that alone reads it: the reorders go and
+the outputs stay bitwise equal (figures: ``docs/decisions/0005``). TensorRT's parser maps
+asymmetric Conv pads to pre- and post-padding.
 
 The Pad's amounts must be constants: the export view gives the padding layers static
 amounts for the graph's fixed input size (``onnx_graph.static_same_padding``), and the
@@ -133,9 +131,9 @@ def resize_channels_last(model: onnx.ModelProto) -> int:
     as one ``Resize(scales [1, a, b, 1])`` on the channels-last tensor; returns how many.
 
     The export's factored search upsamples product maps whose channels are bank rows: in
-    channels-last layout onnxruntime's bilinear Resize is 6x faster than over the
-    channels-first maps the traced graph has (0.1 vs 0.6 ms for 256 maps of 16x16 -> 32x32),
-    and both Transposes (full copies) go. The same numbers: Resize is separable per axis,
+    channels-last layout onnxruntime's bilinear Resize is much faster than over the
+    channels-first maps the traced graph has (``docs/decisions/0005``), and both Transposes
+    (full copies) go. The same numbers: Resize is separable per axis,
     and each axis keeps its scale. Only constant scales, and only when each intermediate
     tensor has the one reader, are rewritten."""
     g = model.graph

@@ -20,10 +20,8 @@ Outputs under ``out``: ``scores/glass_feature_s<s>.json`` (one per severity),
 ``scores/glass_image.json``, ``las/images/<k>.png``, ``las/masks/<k>_mask.png``,
 ``las/index.json``, ``contact_sheet.png`` and ``glass_run.json`` (options and summary).
 
-Measured on the shared magnetic-tile model (``benchmarks/results/glass.json``): the share of
-synthetic NG above the normal p99 rises monotonically with severity (0 at s <= 0.5, 0.8 at
-s = 1, 1.0 from s = 1.5); one severity gives a narrow score spread, so a severity *range*
-(0.75..1 pooled) matches the real defects' scores better than any single severity.
+One severity gives a narrow score spread, so calibration pools a severity *range*
+(evidence: ``docs/decisions/0006``, ``benchmarks/glass.py``).
 """
 
 from __future__ import annotations
