@@ -69,6 +69,17 @@ def _draw_defect(
     return np.clip(out, 0, 255), mask
 
 
+def defective_part(
+    rng: np.random.Generator, size: int, kind: str, *, strength: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One defective part (uint8 image, bool mask) with the defect at ``strength`` of its
+    drawn contrast (1: as in the test split; small: a faint defect a line tends to miss)."""
+    surface = good_surface(rng, size)
+    img, mask = _draw_defect(rng, surface, kind)
+    blended = surface + strength * (img - surface)
+    return np.clip(blended, 0, 255).astype(np.uint8), mask
+
+
 def make_demo_category(
     root: str | Path,
     *,
