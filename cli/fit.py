@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="let timm download backbone weights (online only)",
     )
     p.add_argument(
-        "--image-size", type=int, default=256, help="square input side in pixels (default 256)"
+        "--image-size", type=int, default=None, help="square input side in pixels (default 256)"
     )
     p.add_argument(
         "--coreset-ratio",
@@ -60,9 +61,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="project patch features to this dim (0: keep all)",
     )
     p.add_argument(
-        "--image-score", default="topk_mean", choices=["topk_mean", "reweighted_max", "max"]
+        "--image-score",
+        "--rule",
+        dest="image_score",
+        default=None,
+        choices=["auto", "topk_mean", "reweighted_max", "max"],
+        help="image score rule ('auto': see --auto; default topk_mean when --image-size "
+        "is given, else auto)",
     )
     p.add_argument("--topk", type=int, default=10, help="k of the topk_mean image score")
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="choose the image score rule from good images and synthetic NG only (the "
+        "default when neither --image-size nor --image-score is given); prints the "
+        "evidence table on stderr",
+    )
     p.add_argument(
         "--cv-folds",
         type=int,
@@ -94,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ngcal.core.dataset import is_mvtec_category, list_images, load_category
     from ngcal.core.errors import ConfigError
     from ngcal.patchcore.fitting import FitConfig, fit
+    from ngcal.patchcore.selection import Evidence, format_table
 
     torch.set_num_threads(max(1, args.threads))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -112,15 +127,19 @@ def run(args: argparse.Namespace) -> int:
         keep = sorted(random.Random(args.seed).sample(range(len(paths)), args.max_images))
         paths = [paths[i] for i in keep]
         ids = [ids[i] for i in keep]
+    # --auto is the default when the user names neither the input size nor the rule
+    image_score = args.image_score or "topk_mean"
+    if args.auto or (args.image_score is None and args.image_size is None):
+        image_score = "auto"
     cfg = FitConfig(
         backbone=args.backbone,
         weights=args.weights,
         allow_download=args.allow_download,
-        image_size=args.image_size,
+        image_size=args.image_size or 256,
         coreset_ratio=args.coreset_ratio,
         coreset_proj_dim=args.coreset_dim or None,
         projection_dim=args.projection_dim or None,
-        image_score=args.image_score,
+        image_score=image_score,
         topk=args.topk,
         cv_folds=args.cv_folds,
         fold_sample=args.fold_sample,
@@ -130,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
     )
     result = fit(paths, args.out, cfg, ids)
     spec = result.manifest.patchcore
+    for choice in spec.choices:  # the evidence table; stdout stays one JSON line
+        rows = [Evidence(**c.model_dump()) for c in choice.candidates]
+        print(
+            f"{choice.setting}: held-out good ({choice.n_normal}) vs synthetic NG "
+            f"({choice.n_ng})\n{format_table(rows, choice.chosen)}",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             {
@@ -137,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 "train_images": spec.num_train_images,
                 "memory_bank": [spec.coreset_size, spec.feature_dim],
                 "image_score": spec.image_score,
+                "image_score_k": spec.image_score_k,
                 **{k: round(v, 2) for k, v in result.timings.items()},
             }
         )

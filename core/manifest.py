@@ -26,7 +26,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ArtifactError
 from .files import atomic_write_json, read_json, sha256_file
@@ -52,15 +52,33 @@ class Preprocessing(_Strict):
     """How an image becomes the model's input tensor; identical offline and on the edge.
 
     Steps: decode; grayscale or palette images are converted to RGB by replicating the
-    luminance channel; resize to ``image_size`` x ``image_size`` with ``resample``; scale to
-    [0, 1]; subtract ``mean`` and divide by ``std`` per channel; layout CHW float32.
+    luminance channel; resize to ``hw`` (``input_hw`` when set, else ``image_size`` x
+    ``image_size``) with ``resample``; scale to [0, 1]; subtract ``mean`` and divide by
+    ``std`` per channel; layout CHW float32. Manifests without ``input_hw`` (square inputs)
+    read as before.
     """
 
-    image_size: int = Field(ge=32, le=2048, description="square input side in pixels")
+    image_size: int = Field(
+        ge=32, le=2048, description="square input side in pixels (the long side with input_hw)"
+    )
+    input_hw: tuple[int, int] | None = Field(
+        default=None, description="input (height, width) in pixels when not square"
+    )
     resample: Literal["bicubic", "bilinear"] = "bicubic"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     grayscale: Literal["replicate"] = "replicate"
+
+    @model_validator(mode="after")
+    def _sides(self) -> Preprocessing:
+        if self.input_hw is not None and not all(32 <= v <= 2048 for v in self.input_hw):
+            raise ValueError(f"input_hw {self.input_hw}: each side must be in [32, 2048]")
+        return self
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The model input's (height, width) in pixels."""
+        return self.input_hw if self.input_hw is not None else (self.image_size, self.image_size)
 
 
 class BackboneSpec(_Strict):
@@ -70,6 +88,25 @@ class BackboneSpec(_Strict):
     layers: tuple[int, ...] = Field(description="timm features_only out_indices")
     weights: str = Field(description="where the weights came from: package, path or timm")
     weights_sha256: str = Field(description="sha256 of the weights file (or of the state dict)")
+
+
+class CandidateEvidence(_Strict):
+    """One candidate of a fit-time choice and its evidence (``ngcal.patchcore.selection``)."""
+
+    candidate: str = Field(description="e.g. 'topk_mean_10' or '288x256'")
+    separation: float = Field(description="AUROC, held-out good vs synthetic NG")
+    tpr_at_p99: float = Field(description="synthetic NG share above the good scores' p99")
+    ms_per_image: float | None = Field(default=None, description="fit-time scoring cost")
+
+
+class FitChoice(_Strict):
+    """A setting ``fit`` chose from good images and synthetic NG only, with the evidence."""
+
+    setting: str = Field(description="what was chosen: 'image_score' or 'geometry'")
+    chosen: str
+    n_normal: int = Field(ge=0, description="held-out good images scored")
+    n_ng: int = Field(ge=0, description="synthetic NG images scored")
+    candidates: tuple[CandidateEvidence, ...] = ()
 
 
 class PatchCoreSpec(_Strict):
@@ -87,6 +124,9 @@ class PatchCoreSpec(_Strict):
     reweight_neighbors: int = Field(default=9, ge=1, description="b of the paper's reweighting")
     smoothing_sigma: float = Field(default=4.0, ge=0, description="Gaussian sigma, input pixels")
     seed: int = 0
+    choices: tuple[FitChoice, ...] = Field(
+        default=(), description="settings chosen at fit time and their evidence"
+    )
     stats: dict[str, float] = Field(
         default_factory=dict,
         description="fit-time statistics, e.g. loo_patch_nn_p50/p90/p99 (feature-space units)",

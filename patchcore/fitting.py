@@ -39,11 +39,13 @@ from ngcal.core.manifest import ModelManifest, PatchCoreSpec, Preprocessing, wri
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 
 from . import io as mio
+from .auto import choose_rule, rule_scores
 from .backbones import LITE0, default_preprocessing, load_backbone
 from .coreset import CoresetRun, greedy_coresets, random_projection
 from .model import PatchCore, PatchEmbedder
 from .nn_search import nearest, nearest_distance, squared_norms
 from .rules import ImageRule, image_scores
+from .selection import CANDIDATE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,25 @@ class FitConfig:
     fold_sample: float = 0.25
     seed: int = 0
     device: str = "cpu"
+    #: an ``IMAGE_SCORE_RULES`` name, or "auto": chosen among ``selection.CANDIDATE_RULES``
+    #: by held-out good vs synthetic NG (needs cv_folds >= 2; else the default rule)
     image_score: str = "topk_mean"
     topk: int = 10
+    #: training images that get a synthetic defect when the rule is chosen
+    probe_images: int = 96
     reweight_neighbors: int = 9
     smoothing_sigma: float = 4.0
     #: images per forward pass during extraction; None: 4 on CPU, where small batches stay
     #: in cache (Lite0 at 256 px, 1 thread: 27 ms/image at 4, 45 ms/image at 16), 32 on GPU
     batch_size: int | None = None
     progress: bool = False
+
+    @property
+    def rule_candidates(self) -> tuple[ImageRule, ...]:
+        """The rules fit compares: every candidate with "auto", else the one configured."""
+        if self.image_score == "auto":
+            return CANDIDATE_RULES
+        return (ImageRule(self.image_score, self.topk),)
 
     @property
     def extraction_batch(self) -> int:
@@ -84,7 +97,10 @@ class FitConfig:
             raise ConfigError(f"batch size {self.batch_size}: must be >= 1")
         if not 0 < self.coreset_ratio <= 1:
             raise ConfigError(f"--coreset-ratio {self.coreset_ratio}: must be in (0, 1]")
-        ImageRule(self.image_score, self.topk)  # ConfigError on an unknown rule or k < 1
+        if self.image_score != "auto":
+            ImageRule(self.image_score, self.topk)  # ConfigError on an unknown rule or k < 1
+        if self.probe_images < 2:
+            raise ConfigError(f"probe images {self.probe_images}: must be >= 2")
         if not 0 < self.fold_sample <= 1:
             raise ConfigError(f"--fold-sample {self.fold_sample}: must be in (0, 1]")
         if self.cv_folds == 1 or self.cv_folds < 0:
@@ -236,29 +252,33 @@ def fit(
 
     bank = flat[main_idx].contiguous()
     source = owner[main_idx]
-    model = _patchcore(embedder, bank, cfg)
+    fold_models = [
+        _patchcore(embedder, flat[fold_idx[f]].contiguous(), cfg, ImageRule()) for f in range(folds)
+    ]
+    rule, choice, held = choose_rule(
+        cfg.rule_candidates,
+        fold_models,
+        feats,
+        fold_of,
+        probe=lambda picks: mio.load_batch([paths[i] for i in picks], pre)[0],
+        probe_images=cfg.probe_images,
+        seed=cfg.seed,
+        batch=cfg.extraction_batch,
+        device=cfg.device,
+    )
+    t_hold = time.perf_counter()
+    holdout = rule_scores(fold_models, held, rule) if held is not None else np.full(n, np.nan)
+    model = _patchcore(embedder, bank, cfg, rule)
     loo, loo_patch = loo_scores(model, feats, source)
     t_loo = time.perf_counter()
-
-    holdout = np.full(n, np.nan)
-    with torch.inference_mode():
-        for f in range(folds):
-            fold_model = _patchcore(embedder, flat[fold_idx[f]].contiguous(), cfg)
-            members = torch.nonzero(fold_of == f)[:, 0]
-            for s in range(0, len(members), 2):
-                sel = members[s : s + 2]
-                fb = feats[sel]
-                dist, idx = fold_model.patch_scores(fb)
-                holdout[sel.numpy()] = fold_model.image_scores(fb, dist, idx).double().numpy()
-    t_hold = time.perf_counter()
 
     q50, q90, q99 = np.quantile(loo_patch, [0.5, 0.9, 0.99]).tolist()
     timings = {
         "extract_seconds": t_feat - t0,
         "coreset_seconds": t_main - t_feat,
         "fold_coreset_seconds": t_core - t_main,
-        "loo_seconds": t_loo - t_core,
-        "holdout_seconds": t_hold - t_loo,
+        "holdout_seconds": t_hold - t_core,
+        "loo_seconds": t_loo - t_hold,
     }
     spec = PatchCoreSpec(
         feature_dim=d,
@@ -268,11 +288,12 @@ def fit(
         coreset_ratio=cfg.coreset_ratio,
         coreset_size=int(bank.shape[0]),
         num_train_images=n,
-        image_score=cfg.image_score,
-        image_score_k=cfg.topk if cfg.image_score == "topk_mean" else 1,
+        image_score=rule.name,
+        image_score_k=rule.manifest_k,
         reweight_neighbors=cfg.reweight_neighbors,
         smoothing_sigma=cfg.smoothing_sigma,
         seed=cfg.seed,
+        choices=() if choice is None else (choice,),
         stats={
             "loo_patch_nn_p50": q50,
             "loo_patch_nn_p90": q90,
@@ -301,7 +322,7 @@ def fit(
             folds,
             fold_of,
             item_ids,
-            cfg,
+            {"image_score": rule.label, "image_size": cfg.image_size, "cv_folds": folds},
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,11 +345,10 @@ def _write_model_dir(
     folds: int,
     fold_of: torch.Tensor,
     item_ids: Sequence[str],
-    cfg: FitConfig,
+    meta: dict[str, str | int],
 ) -> ModelManifest:
     """Fill ``tmp``, write its manifest last, then move it to ``out``."""
     os.chmod(tmp, 0o755)
-    meta = {"image_score": cfg.image_score, "image_size": cfg.image_size, "cv_folds": folds}
     mio.save_backbone(tmp, backbone)
     mio.save_arrays(
         tmp, bank.numpy(), source.numpy(), None if projection is None else projection.numpy()
@@ -347,13 +367,15 @@ def _write_model_dir(
     return cast(ModelManifest, final)
 
 
-def _patchcore(embedder: PatchEmbedder, bank: torch.Tensor, cfg: FitConfig) -> PatchCore:
+def _patchcore(
+    embedder: PatchEmbedder, bank: torch.Tensor, cfg: FitConfig, rule: ImageRule
+) -> PatchCore:
     return PatchCore(
         embedder,
         bank,
         image_size=cfg.image_size,
-        image_score=cfg.image_score,
-        topk=cfg.topk,
+        image_score=rule.name,
+        topk=rule.k,
         reweight_neighbors=cfg.reweight_neighbors,
         smoothing_sigma=cfg.smoothing_sigma,
     ).eval()
