@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.config}: {len(e.issues)} error(s)", file=sys.stderr)
         return 2
     if args.check_config:
+        from ngcal.daemon.link import security_warnings
+
+        for w in security_warnings(cfg.mqtt):  # warnings, not problems: exit status unchanged
+            print(f"{args.config}: {w}", file=sys.stderr)
         from ngcal.core.bundle import open_bundle
         from ngcal.core.errors import NgcalError
 

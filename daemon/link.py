@@ -13,6 +13,7 @@ after the handler committed them. The will message sets availability ``offline``
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import ssl
@@ -94,6 +95,8 @@ class MqttLink:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Create the client, set the will, connect asynchronously and start paho's loop."""
+        for w in security_warnings(self.cfg):
+            log.warning("%s", w)
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
@@ -185,7 +188,8 @@ class MqttLink:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self.connected.clear()
-            self.events.put(ConnectFailed(f"mqtt {self.where}: connection refused: {rc}"))
+            hint = _CONNACK_HINTS.get(int(rc.value), "")
+            self.events.put(ConnectFailed(f"mqtt {self.where}: connection refused: {rc}{hint}"))
         else:
             self.connected.set()
             receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
@@ -217,6 +221,45 @@ class MqttLink:
                 correlation=getattr(props, "CorrelationData", None),
             )
         )
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (traffic never leaves the machine)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(cfg: MqttConfig) -> list[str]:
+    """Why this broker link is not secure: TLS or authentication off for a remote broker."""
+    if is_loopback(cfg.host):
+        return []
+    where = f"{cfg.host}:{cfg.port}"
+    out = []
+    if cfg.tls is None:
+        out.append(
+            f"warning: mqtt.tls is off for the non-loopback broker {where}: verdicts, "
+            "commands and the password cross the network in clear text"
+        )
+    if cfg.username is None:
+        out.append(
+            f"warning: mqtt authentication is off (no mqtt.username) for the non-loopback "
+            f"broker {where}: anyone who reaches it can send commands"
+        )
+    return out
+
+
+#: CONNACK reason codes an operator can fix in the config (MQTT v5; 0x87 is what Mosquitto
+#: answers to a wrong password)
+_CONNACK_HINTS = {
+    0x85: " (check mqtt.client_id)",
+    0x86: " (check mqtt.username and the password)",
+    0x87: " (check mqtt.username and the password)",
+    0x8C: " (check the authentication method)",
+}
 
 
 def describe_connect_error(err: BaseException | None) -> str:

@@ -215,11 +215,15 @@ class Relay:
         if row is not None:
             self.store.mark_refused(row, code, name, self.refused_hold_s)
             log.error(
-                "broker refused outbox row %d (reason 0x%02x %s); kept unsent", row, code, name
+                "mqtt %s refused outbox row %d (reason 0x%02x %s); kept unsent",
+                self.link.where,
+                row,
+                code,
+                name,
             )
             self.store.raise_alarm("publish_refused", f"0x{code:02x} {name}")
         elif topic is not None:
-            log.error("broker refused retained %s (0x%02x %s)", topic, code, name)
+            log.error("mqtt %s refused retained %s (0x%02x %s)", self.link.where, topic, code, name)
             self.store.raise_alarm("publish_refused", f"0x{code:02x} {name} on {topic}")
 
     def _fill(self) -> None:

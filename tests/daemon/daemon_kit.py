@@ -52,7 +52,14 @@ def free_port() -> int:
 class Broker:
     """One Mosquitto process with a generated config; restartable on the same port and data."""
 
-    def __init__(self, root: Path, *, acl: str | None = None, users: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        acl: str | None = None,
+        users: dict[str, str] | None = None,
+        tls: Pki | None = None,
+    ):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -71,6 +78,8 @@ class Broker:
             "log_type notice",
             "max_queued_messages 100000",
         ]
+        if tls is not None:
+            lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
         if users:
             pw = self.root / "passwd"
             pw.write_text("")
@@ -113,6 +122,91 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+# ---------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA and a server certificate it signed (for 127.0.0.1 and localhost), PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_pki(root: Path, *, name: str = "test-ca") -> Pki:
+    """Generate a fresh CA and server key/certificate under ``root`` (EC P-256, 1 day)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = Pki(root / "ca.pem", root / "server.pem", root / "server.key")
+    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return pki
 
 
 # ---------------------------------------------------------------------- tiny bundle
@@ -206,6 +300,8 @@ def daemon_config(
     batch: int = 4,
 ) -> Path:
     cams = "\n".join(f"  - id: {c}\n    watch: {tmp / 'watch' / c}" for c in cameras)
+    for c in cameras:  # a missing watch folder is refused (a typo is never watched silently)
+        (tmp / "watch" / c).mkdir(parents=True, exist_ok=True)
     text = f"""device_id: {device}
 bundle: {bundle}
 state_dir: {tmp / "state"}
@@ -338,6 +434,7 @@ class Subscriber:
     filters: tuple[str, ...]
     username: str | None = None
     password: str | None = None
+    ca: Path | None = None
     client_id: str = "test-subscriber"
     persistent: bool = False
     messages: list[Received] = field(default_factory=list)
@@ -354,6 +451,8 @@ class Subscriber:
         )
         if self.username:
             c.username_pw_set(self.username, self.password)
+        if self.ca is not None:
+            c.tls_set(ca_certs=str(self.ca))
         c.reconnect_delay_set(1, 1)
 
         def on_connect(cl: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:

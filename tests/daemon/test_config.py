@@ -31,12 +31,16 @@ def test_example_config_is_valid():
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
-    """bundle, state_dir and watch folders are relative to the YAML file's folder."""
+    """bundle, state_dir, watch folders and TLS files are relative to the YAML file's folder."""
     p = tmp_path / "d.yaml"
     p.write_text(GOOD)
     cfg = load_config(p)
     assert cfg.bundle == tmp_path / "bundle"
     assert cfg.cameras[0].watch == tmp_path / "cams" / "top"
+    p.write_text(GOOD + "mqtt:\n  tls:\n    ca_file: tls/ca.pem\n    cert_file: /etc/c.pem\n")
+    tls = load_config(p).mqtt.tls
+    assert tls is not None and tls.ca_file == tmp_path / "tls" / "ca.pem"
+    assert tls.cert_file == Path("/etc/c.pem") and tls.key_file is None
 
 
 def test_every_error_names_file_line_and_key():
@@ -98,6 +102,7 @@ def test_check_config_cli_prints_errors_and_exits_nonzero(tmp_path, tiny_bundle)
     )
     assert r.returncode == 2 and "bundle:" in r.stderr  # an empty folder is not a bundle
     good.write_text(GOOD.replace("bundle: bundle", f"bundle: {tiny_bundle}"))
+    (tmp_path / "cams" / "top").mkdir(parents=True)
     r = subprocess.run(
         [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(good), "--check-config"],
         capture_output=True,
@@ -123,3 +128,30 @@ def test_password_is_read_at_use_from_env_or_credential(tmp_path, monkeypatch):
     assert m2.password() == "from-cred"
     with pytest.raises(ValueError, match="not both"):
         MqttConfig(password_env="A", password_credential="b")
+
+
+def test_check_config_warns_when_tls_or_authentication_is_off_for_a_remote_broker(tmp_path):
+    """`serve --check-config` warns, naming host:port, when a non-loopback broker is used
+    without TLS or without a user name; a loopback broker or a secured one gives no
+    warning."""
+    from ngcal.daemon.link import security_warnings
+
+    plain = MqttConfig(host="broker.plant.local", port=1883)
+    warned = security_warnings(plain)
+    assert len(warned) == 2 and all("broker.plant.local:1883" in w for w in warned)
+    assert "mqtt.tls is off" in warned[0] and "authentication is off" in warned[1]
+    secure = MqttConfig(
+        host="10.0.0.5", port=8883, username="box1", tls={"ca_file": tmp_path / "ca.pem"}
+    )
+    assert security_warnings(secure) == []
+    assert security_warnings(MqttConfig(host="127.0.0.1")) == []
+    assert security_warnings(MqttConfig(host="::1")) == []
+    cfg = tmp_path / "remote.yaml"
+    cfg.write_text(GOOD + "mqtt:\n  host: broker.plant.local\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(cfg), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
+    assert f"{cfg}: warning: mqtt.tls is off for the non-loopback broker" in r.stderr
+    assert "warning: mqtt authentication is off" in r.stderr
