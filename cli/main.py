@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a model directory to a verified ONNX/TensorRT bundle"),
     "serve": ("serve", "run the edge daemon: watch folders, score, publish over MQTT"),
     "status": ("status", "show the daemon's state from its state database"),
+    "schema": ("schema", "write the JSON Schemas of every MQTT payload (docs/mqtt.md)"),
     "demo": ("demo", "the whole loop on procedural parts: build, serve, verdicts, recalibration"),
 }
 
