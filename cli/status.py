@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,22 +60,43 @@ def run(args: argparse.Namespace) -> int:
         }
     finally:
         store.close()
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-        return 0
+    try:
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            _print_text(args.state_dir, report)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader left (`ngcal status --json | head`): not an error; silence the
+        # interpreter's own flush of stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+def _print_text(state_dir: str, report: dict[str, Any]) -> None:
+    """The report for a person: rounded numbers, times as ages."""
+    from ngcal.cli.readable import num, seconds
+
     t = report["threshold"]
     ob = report["outbox"]
-    print(f"state dir: {args.state_dir}")
+    print(f"state dir: {state_dir}")
     if t is not None:
-        print(f"threshold: v{t['version']} {t['value']:.6g} ({t['mode']})")
+        print(f"threshold: v{t['version']} {num(t['value'])} ({t['mode']})")
+    oldest = ob.get("oldest_age_s")
     print(
-        f"outbox: {ob['backlog']} unsent ({ob['refused']} refused by the broker), "
-        f"oldest {ob['oldest_age_s']} s"
+        f"outbox: {ob['backlog']} unsent ({ob['refused']} refused by the broker)"
+        + ("" if oldest is None else f", oldest {seconds(float(oldest))} old")
     )
-    print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(report["verdicts"].items())))
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report["verdicts"].items())) or "none"
+    print(f"verdicts: {counts}")
     print(f"alarms: {len(report['alarms'])}")
     for a in report["alarms"]:
         print(f"  {a['kind']}: {a['detail']} (x{a['count']})")
+    if report["last_verdicts"]:
+        print("last verdicts:")
     for v in report["last_verdicts"]:
-        print(f"  {v['camera']}/{v['path']}: {v['verdict']} score={v['score']} {v['reason'] or ''}")
-    return 0
+        print(
+            f"  {v['camera']}/{v['path']}: {v['verdict']} score {num(v['score'])}"
+            + (f" ({v['reason']})" if v["reason"] else "")
+        )
