@@ -26,7 +26,7 @@ import numpy as np
 
 from ngcal.core.errors import ConfigError, DataError
 from ngcal.core.scoresets import ScoreSet
-from ngcal.core.thresholds import Interval, OperatingPoint, ThresholdFile
+from ngcal.core.thresholds import Interval, OperatingPoint, ScoreSetRef, ThresholdFile
 
 from . import fusion, ng, normal
 
@@ -48,6 +48,20 @@ def _note(v: float | int | str | None) -> float | int | str | None:
     if isinstance(v, (float, np.floating)):
         return float(v) if np.isfinite(v) else None
     return v
+
+
+def scoreset_refs(scoresets: Sequence[ScoreSet]) -> tuple[ScoreSetRef, ...]:
+    """What ``thresholds.json`` records of each score set it rests on (content digests)."""
+    return tuple(
+        ScoreSetRef(
+            name=s.file_name,
+            source=s.source,
+            severity=s.severity,
+            count=len(s),
+            sha256=s.content_sha256,
+        )
+        for s in scoresets
+    )
 
 
 def rate_intervals(
@@ -283,6 +297,7 @@ def calibrate(
         expected_fpr=fpr,
         expected_fnr=fnr,
         evidence=dict(sorted(ev.counts.items())),
+        scoresets=scoreset_refs(scoresets),
         model_sha256=_model_sha(scoresets, prov.model_sha256),
         parent_version=prov.parent_version,
         created_at=prov.now or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

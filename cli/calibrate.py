@@ -137,6 +137,17 @@ def _score_images(root: Path, is_bundle: bool, folder: Path, sha: str) -> Any:
     )
 
 
+def save_evidence(thresholds: Path, sets: Any) -> Path:
+    """Write every score set used beside ``thresholds`` (``ngcal export`` ships them)."""
+    from ngcal.core.scoresets import evidence_dir, save_scoreset
+
+    folder = evidence_dir(thresholds)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in sets:
+        save_scoreset(folder / s.file_name, s)
+    return folder
+
+
 def run(args: argparse.Namespace) -> int:
     """Calibrate and write thresholds.json (and the report)."""
     from ngcal.calibration.estimate import CalibrationOptions, Provenance, calibrate
@@ -186,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prior_pseudo_count is not None:
         options = dataclasses.replace(options, prior_pseudo_count=args.prior_pseudo_count)
     t = calibrate(sets, options, provenance=Provenance(model_sha256=sha))
+    evidence_dir = save_evidence(args.out, sets)
     save_thresholds(args.out, t)
     if args.report is not None:
         from ngcal.calibration.report import write_report
@@ -199,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         f"miss rate {rate(t.expected_fnr)}"
     )
     print(
-        f"evidence: {t.evidence}; wrote {args.out}" + (f" and {args.report}" if args.report else "")
+        f"evidence: {t.evidence}; wrote {args.out} (score sets in {evidence_dir}/)"
+        + (f" and {args.report}" if args.report else "")
     )
     return 0

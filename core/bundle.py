@@ -96,11 +96,14 @@ class Bundle:
         return out
 
 
-def open_bundle(path: str | os.PathLike[str]) -> Bundle:
+def open_bundle(path: str | os.PathLike[str], *, allow_unsigned_thresholds: bool = False) -> Bundle:
     """Open a bundle folder, verifying every listed file's sha256 and size.
 
     Raises ArtifactError naming the folder and file on any mismatch, on a model directory
-    passed where a bundle is expected, and on a thresholds file bound to another model.
+    passed where a bundle is expected, on a manifest that disagrees with its ONNX graph
+    (input shape, outputs), on a thresholds file bound to another model, and on a thresholds
+    file ngcal did not write or that was edited since (unless ``allow_unsigned_thresholds``,
+    the operator override, see :func:`ngcal.core.thresholds.load_thresholds`).
     """
     root = Path(path)
     manifest = read_manifest(root, verify=True)
@@ -111,16 +114,92 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     onnx_name = manifest.onnx
     if onnx_name not in manifest.files:
         raise ArtifactError(f"{root}: manifest does not list its ONNX file {onnx_name!r}")
-    thresholds = _read_thresholds(root, manifest)
+    check_graph(root / onnx_name, manifest)
+    thresholds = _read_thresholds(root, manifest, allow_unsigned=allow_unsigned_thresholds)
     log.debug("opened bundle %s (model %s)", root, manifest.model_sha256[:12])
     return Bundle(root=root, manifest=manifest, thresholds=thresholds)
 
 
-def _read_thresholds(root: Path, manifest: BundleManifest) -> ThresholdFile | None:
+Dims = tuple[int | None, ...]
+
+
+def graph_signature(onnx_path: Path) -> tuple[Dims, tuple[str, ...]] | None:
+    """(first input's dims, output names) of an ONNX graph; None dims are symbolic.
+
+    Reads the graph with the ``onnx`` package when installed, else asks onnxruntime (the
+    edge install) for the session's metadata with graph optimisation off; None when
+    neither is installed. A graph neither can read raises ArtifactError.
+    """
+    try:
+        import onnx
+    except ImportError:  # the edge install: onnxruntime only
+        onnx = None  # type: ignore[assignment]
+    try:
+        if onnx is not None:
+            g = onnx.load(str(onnx_path), load_external_data=False).graph
+            init = {i.name for i in g.initializer}
+            first = next(i for i in g.input if i.name not in init)
+            dims = tuple(
+                int(d.dim_value) if d.HasField("dim_value") else None
+                for d in first.type.tensor_type.shape.dim
+            )
+            return dims, tuple(o.name for o in g.output)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        shape = sess.get_inputs()[0].shape
+        return (
+            tuple(d if isinstance(d, int) else None for d in shape),
+            tuple(o.name for o in sess.get_outputs()),
+        )
+    except Exception as e:  # a foreign parser's error, kept inside the error tree
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{onnx_path}: not a readable ONNX graph ({reason})") from e
+
+
+def check_graph(onnx_path: Path, manifest: BundleManifest) -> None:
+    """The manifest's input shape [N,3,H,W] and output names must match the ONNX graph.
+
+    One line naming both on mismatch (a hand-edited ``image_size`` would otherwise fail
+    later inside onnxruntime). Symbolic graph dims match any value.
+    """
+    sig = graph_signature(onnx_path)
+    if sig is None:
+        log.debug("%s: neither onnx nor onnxruntime installed; graph not checked", onnx_path)
+        return
+    dims, outputs = sig
+    h, w = manifest.preprocessing.hw
+    want: Dims = (None, 3, h, w)
+
+    def show(d: Dims) -> str:
+        return "[" + ",".join("?" if v is None else str(v) for v in d) + "]"
+
+    ok = len(dims) == 4 and all(
+        g is None or e is None or g == e for g, e in zip(dims, want, strict=True)
+    )
+    if not ok:
+        raise ArtifactError(
+            f"{onnx_path.parent}: manifest says input [N,3,{h},{w}] but {onnx_path.name} "
+            f"takes {show(dims)}; re-export the bundle"
+        )
+    if tuple(manifest.outputs) != outputs:
+        raise ArtifactError(
+            f"{onnx_path.parent}: manifest says outputs {list(manifest.outputs)} but "
+            f"{onnx_path.name} has {list(outputs)}; re-export the bundle"
+        )
+
+
+def _read_thresholds(
+    root: Path, manifest: BundleManifest, *, allow_unsigned: bool
+) -> ThresholdFile | None:
     path = root / THRESHOLDS_NAME
     if not path.is_file():
         return None
-    t = load_thresholds(path)
+    t = load_thresholds(path, allow_unsigned=allow_unsigned)
     fraction = manifest.extra.get("bank_fraction", "1")
     if float(fraction) < 1.0:
         raise ArtifactError(

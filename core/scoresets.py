@@ -13,6 +13,8 @@ the others are NG evidence. ``group`` is optional per item (defect type, Perlin 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +92,24 @@ class ScoreSet:
     def __len__(self) -> int:
         return int(self.scores.size)
 
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of what calibration reads: source, severity and the items (id, score, group).
+
+        Independent of ``model_sha256``, ``meta``, ``created_at`` and file formatting, so a
+        set keeps its digest when ``ngcal export`` re-tags it with the model's sha256.
+        """
+        body = self.to_json()
+        canon = {"source": body["source"], "severity": body["severity"], "items": body["items"]}
+        text = json.dumps(canon, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def file_name(self) -> str:
+        """A stable file name from source, severity and content: ``glass_image@1-<sha12>.json``."""
+        tag = self.source if self.severity is None else f"{self.source}@{self.severity:g}"
+        return f"{tag}-{self.content_sha256[:12]}.json"
+
     def to_json(self) -> dict[str, Any]:
         """The file representation."""
         items = []
@@ -135,6 +155,16 @@ class ScoreSet:
             meta=dict(obj.get("meta") or {}),
             created_at=str(obj.get("created_at", "")),
         )
+
+
+def evidence_dir(thresholds: str | Path) -> Path:
+    """The folder beside a ``thresholds.json`` holding the score sets it rests on.
+
+    ``ngcal calibrate --out T`` writes them to ``T.scores/`` (``thresholds.scores/``);
+    ``ngcal export --thresholds T`` copies each one the thresholds name into the bundle.
+    """
+    t = Path(thresholds)
+    return t.with_name(t.stem + ".scores")
 
 
 def save_scoreset(path: str | Path, scoreset: ScoreSet) -> None:

@@ -8,6 +8,8 @@ re-exporting. ``ngcal.calibration`` owns the logic; this module owns the file fo
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 from pathlib import Path
 from typing import Final, Literal
 
@@ -26,13 +28,34 @@ DEFAULT_COST_RATIO: Final = 10.0
 
 
 class Interval(BaseModel):
-    """A point estimate with a two-sided interval at ``level`` confidence."""
+    """A point estimate with an interval at ``level``, and what the interval rests on.
+
+    ``kind`` says how far to trust it: ``guarantee`` (a finite-sample bound that holds with
+    probability ``level`` for parts exchangeable with the evidence), ``interval`` (a
+    confidence interval from a labelled sample of ``n`` items) or ``estimate`` (no stated
+    confidence: e.g. the spread of synthetic look-alikes). ``basis`` names the evidence in
+    plain words. Files written before these fields existed read as ``kind=None``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     value: float | None
     low: float | None = None
     high: float | None = None
     level: float = 0.95
+    kind: Literal["guarantee", "interval", "estimate"] | None = None
+    basis: str | None = None
+    n: float | None = None
+
+
+class ScoreSetRef(BaseModel):
+    """One score set a threshold was calibrated on (``ngcal export`` ships it in ``scores/``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="file name under the bundle's scores/ (or the evidence folder)")
+    source: str
+    severity: float | None = None
+    count: int = Field(ge=0)
+    sha256: str = Field(description="ScoreSet.content_sha256 (source, severity, items)")
 
 
 class OperatingPoint(BaseModel):
@@ -59,6 +82,13 @@ class ThresholdFile(BaseModel):
     expected_fpr: Interval | None = None
     expected_fnr: Interval | None = None
     evidence: dict[str, int] = Field(default_factory=dict, description="items per source")
+    scoresets: tuple[ScoreSetRef, ...] = Field(
+        default=(), description="every score set the threshold was calibrated on"
+    )
+    miss_rate_by_source: dict[str, Interval] = Field(
+        default_factory=dict,
+        description="miss rate at the threshold per NG evidence kind (synthetic, real_ng)",
+    )
     model_sha256: str = ""
     parent_version: int | None = None
     created_at: str = Field(
@@ -68,14 +98,51 @@ class ThresholdFile(BaseModel):
     notes: dict[str, float | int | str | None] = Field(default_factory=dict)
 
 
+#: key of the content digest inside thresholds.json (not a ThresholdFile field)
+DIGEST_KEY: Final = "digest"
+
+
+def thresholds_digest(body: dict[str, object]) -> str:
+    """sha256 of the canonical JSON of a thresholds body (every key but ``digest``)."""
+    canon = {k: v for k, v in body.items() if k != DIGEST_KEY}
+    text = json.dumps(canon, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def thresholds_json(t: ThresholdFile) -> dict[str, object]:
+    """The file body: the fields plus ``digest`` (what :func:`load_thresholds` checks)."""
+    body: dict[str, object] = t.model_dump(mode="json", by_alias=True)
+    body[DIGEST_KEY] = thresholds_digest(body)
+    return body
+
+
 def save_thresholds(path: str | Path, t: ThresholdFile) -> None:
-    """Write ``thresholds.json`` atomically."""
-    atomic_write_json(path, t.model_dump(mode="json", by_alias=True))
+    """Write ``thresholds.json`` atomically, with its content digest."""
+    atomic_write_json(path, thresholds_json(t))
 
 
-def load_thresholds(path: str | Path) -> ThresholdFile:
-    """Read ``thresholds.json``; errors name the file and the field."""
+def load_thresholds(path: str | Path, *, allow_unsigned: bool = False) -> ThresholdFile:
+    """Read ``thresholds.json``; refuse one that ngcal did not write, or that was edited since.
+
+    A file without a ``digest``, or whose digest does not match its content, raises
+    ArtifactError in one line. ``allow_unsigned=True`` is the explicit operator override
+    (the caller audits and publishes it): a missing or mismatched digest is then accepted
+    (the fields are still validated). Field errors name the file and the field.
+    """
     raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    digest = raw.pop(DIGEST_KEY, None)
+    if digest is None and not allow_unsigned:
+        raise ArtifactError(
+            f"{path}: not written by ngcal (no content digest); recalibrate with "
+            "`ngcal calibrate`, or load it as an explicit operator override"
+        )
+    if digest is not None and digest != thresholds_digest(raw) and not allow_unsigned:
+        raise ArtifactError(
+            f"{path}: content does not match its digest (edited after ngcal wrote it); "
+            "recalibrate with `ngcal calibrate`"
+        )
     try:
         return ThresholdFile.model_validate(raw)
     except ValidationError as e:

@@ -8,9 +8,11 @@ Order of work, so that nothing half-done is ever visible at ``out``:
    beside ``out``.
 3. Parity: onnxruntime CPU (the edge runtime, ``ngcal.core.runtime``) against torch on
    fixed inputs; over the bound -> ArtifactError and nothing is installed.
-4. Copy the score sets (their ``model_sha256`` filled in with the model's), write the
-   manifest last (sha256 of every file), then the optional thresholds (unhashed, bound to
-   the model by sha256; see ``ngcal.core.bundle``).
+4. Copy the score sets (their ``model_sha256`` filled in with the model's): the model's
+   own, plus every set the optional thresholds were calibrated on (synthetic NG included,
+   from the evidence folder ``ngcal calibrate`` wrote beside them, checked against their
+   recorded digests); write the manifest last (sha256 of every file), then the thresholds
+   (unhashed but digest-signed, bound to the model by sha256; see ``ngcal.core.bundle``).
 5. Install atomically at ``out`` (``install_bundle``: the replaced bundle is kept as
    ``<out>.prev``).
 6. TensorRT: build this GPU's engine into ``<out>/engines`` through the same cache the
@@ -48,11 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-from ngcal.core.bundle import THRESHOLDS_NAME, install_bundle, open_bundle
+from ngcal.core.bundle import SCORES_DIR, THRESHOLDS_NAME, install_bundle, open_bundle
 from ngcal.core.errors import ArtifactError, ConfigError
 from ngcal.core.manifest import BundleManifest, write_manifest
-from ngcal.core.scoresets import load_scoresets, save_scoreset
-from ngcal.core.thresholds import load_thresholds, save_thresholds
+from ngcal.core.scoresets import evidence_dir, load_scoreset, load_scoresets, save_scoreset
+from ngcal.core.thresholds import ThresholdFile, load_thresholds, save_thresholds
 
 from .parity import RTOL, Parity, check_parity, parity_inputs, torch_scores
 
@@ -96,16 +98,48 @@ def truncate_bank(pc: PatchCore, rows: int) -> PatchCore:
     return pc.with_bank(pc.memory_bank[:rows].clone())
 
 
-def _copy_scoresets(model_dir: Path, dest: Path, model_sha256: str) -> list[str]:
+def _copy_scoresets(
+    model_dir: Path,
+    dest: Path,
+    model_sha256: str,
+    thr: ThresholdFile | None = None,
+    thresholds: Path | None = None,
+) -> list[str]:
+    """Copy the model's score sets, then every other set ``thr`` was calibrated on.
+
+    The thresholds' own sets come from the evidence folder ``ngcal calibrate`` wrote beside
+    them (``evidence_dir``); each must match its recorded content digest, so the device
+    recalibrates on exactly the evidence that set the first threshold.
+    """
     folder = model_dir / "scores"
-    if not folder.is_dir():
-        return []
-    names = []
-    for f in sorted(folder.rglob("*.json")):
+    names, have = [], set()
+    for f in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
         for s in load_scoresets([f]):
             rel = f.relative_to(model_dir).as_posix()
             save_scoreset(dest / rel, dataclasses.replace(s, model_sha256=model_sha256))
             names.append(rel)
+            have.add(s.content_sha256)
+    if thr is None or thresholds is None:
+        return names
+    if not thr.scoresets:
+        log.warning("%s names no score sets (written before ngcal recorded them)", thresholds)
+    src = evidence_dir(thresholds)
+    for ref in thr.scoresets:
+        if ref.sha256 in have:
+            continue
+        path = src / ref.name
+        if not path.is_file():
+            raise ArtifactError(
+                f"{thresholds}: score set {ref.name} it was calibrated on is missing from "
+                f"{src}/; calibrate again or copy the folder along"
+            )
+        s = load_scoreset(path)
+        if s.content_sha256 != ref.sha256:
+            raise ArtifactError(f"{path}: content differs from the one {thresholds} names")
+        rel = f"{SCORES_DIR}/{ref.name}"
+        save_scoreset(dest / rel, dataclasses.replace(s, model_sha256=model_sha256))
+        names.append(rel)
+        have.add(ref.sha256)
     return names
 
 
@@ -197,7 +231,13 @@ def export_bundle(
                 "scoresets": "omitted: computed on the full bank",
             }
         else:
-            _copy_scoresets(loaded.root, tmp, loaded.sha256)
+            _copy_scoresets(
+                loaded.root,
+                tmp,
+                loaded.sha256,
+                thr,
+                None if thresholds is None else Path(thresholds),
+            )
         manifest = BundleManifest(
             model_sha256=loaded.sha256,
             backbone=loaded.manifest.backbone,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,81 @@ def test_install_refuses_a_tampered_source(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="model.onnx"):
         install_bundle(b, dest)
     assert open_bundle(dest).image_size == 32
+
+
+def test_hand_edited_or_foreign_thresholds_are_refused_in_one_line(toy: Path) -> None:
+    """A thresholds.json edited by hand, or not written by ngcal, is refused; the override
+    (allow_unsigned_thresholds) accepts it."""
+    path = toy / "thresholds.json"
+    body = json.loads(path.read_text())
+    body["value"] = 1.0
+    path.write_text(json.dumps(body))
+    with pytest.raises(ArtifactError, match="does not match its digest") as e:
+        open_bundle(toy)
+    assert "\n" not in str(e.value)
+    del body["digest"]
+    path.write_text(json.dumps(body))
+    with pytest.raises(ArtifactError, match="not written by ngcal"):
+        open_bundle(toy)
+    b = open_bundle(toy, allow_unsigned_thresholds=True)
+    assert b.thresholds is not None and b.thresholds.value == 1.0
+
+
+def test_manifest_disagreeing_with_the_graph_is_one_clear_line(toy: Path) -> None:
+    """Outputs edited in the manifest: refused at open, naming both sides, in one line."""
+    m = toy / "manifest.json"
+    body = json.loads(m.read_text())
+    body["outputs"] = ["image_score", "anomaly_map"]
+    m.write_text(json.dumps(body))
+    with pytest.raises(ArtifactError, match="outputs") as e:
+        open_bundle(toy)
+    assert "\n" not in str(e.value)
+
+
+def test_input_shape_is_checked_against_fixed_graph_dims(tmp_path: Path) -> None:
+    """A graph taking [N,3,32,32] and a manifest saying 48 px: one line naming both."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ngcal.core.bundle import check_graph
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])
+    amap = helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", 32, 32])
+    score = helper.make_tensor_value_info("image_score", TensorProto.FLOAT, ["N"])
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["anomaly_map"], axes=[1], keepdims=0),
+        helper.make_node("ReduceMax", ["anomaly_map"], ["image_score"], axes=[1, 2], keepdims=0),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [amap, score]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(path))
+    toy_manifest = open_bundle(
+        write_toy_bundle(tmp_path / "toy", image_size=32, thresholds=0.25)
+    ).manifest
+    check_graph(path, toy_manifest)  # 32 px: agrees
+    bigger = toy_manifest.model_copy(
+        update={"preprocessing": toy_manifest.preprocessing.model_copy(update={"image_size": 48})}
+    )
+    with pytest.raises(
+        ArtifactError, match=r"input \[N,3,48,48\] but model.onnx takes \[\?,3,32,32\]"
+    ):
+        check_graph(path, bigger)
+
+
+def test_graph_signature_without_the_onnx_package(
+    toy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge install has onnxruntime only: its session metadata gives the same answer."""
+    import sys
+
+    from ngcal.core.bundle import graph_signature
+
+    with_onnx = graph_signature(toy / "model.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert graph_signature(toy / "model.onnx") == with_onnx
+    assert with_onnx is not None and with_onnx[1] == ("anomaly_map", "image_score")

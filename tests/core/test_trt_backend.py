@@ -107,8 +107,12 @@ def test_key_mismatch_rebuilds(toy: Path, tmp_path: Path, change: str) -> None:
         precision = "fp32"
     elif change == "onnx":
         bundle = write_toy_bundle(tmp_path / "other", image_size=32, model_sha256="a" * 64)
+        import onnx as onnx_pkg
+
         onnx = bundle / "model.onnx"
-        onnx.write_bytes(onnx.read_bytes() + b"\n")  # other bytes: another export
+        proto = onnx_pkg.load_from_string(onnx.read_bytes())
+        proto.producer_version = "another export"
+        onnx.write_bytes(proto.SerializeToString())  # other bytes: another export
         from ngcal.core.manifest import BundleManifest, read_manifest, write_manifest
 
         m = read_manifest(bundle, verify=False)
