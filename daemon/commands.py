@@ -187,7 +187,7 @@ class CommandHandler:
             log.exception("command on %s failed; rejected (would fail again)", msg.topic)
         reason = printable(reason)
         try:
-            status = self._answer(msg, None, "rejected", reason)
+            status = self._answer(msg, request_id_of(msg.payload), "rejected", reason)
         except Exception:  # noqa: BLE001 - PUBACK anyway: nothing may block the channel
             log.exception("cannot record the rejection of a command on %s", msg.topic)
             status = "rejected"
@@ -218,8 +218,7 @@ class CommandHandler:
         problem = json_problem(raw)
         if problem is not None:
             return self._answer(msg, None, "rejected", problem)
-        rid = raw.get("request_id") if isinstance(raw, dict) else None
-        rid = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+        rid = _valid_request_id(raw)
         try:
             cmd = _MODELS[kind].model_validate(raw)
         except ValidationError as e:
@@ -449,6 +448,21 @@ _OUTCOME_STATUS: dict[str, AckStatus] = {
 def _decision_status(d: Decision) -> AckStatus:
     """The ack status of a policy decision (its ``outcome`` field, never its reason text)."""
     return _OUTCOME_STATUS[d.outcome]
+
+
+def _valid_request_id(raw: Any) -> str | None:
+    rid = raw.get("request_id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+def request_id_of(payload: bytes) -> str | None:
+    """The command's ``request_id`` when it can be echoed safely in an ack, else None."""
+    try:
+        raw = json.loads(payload)
+    except (RecursionError, ValueError):
+        return None
+    rid = _valid_request_id(raw)
+    return rid if rid is not None and json_problem(rid) is None else None
 
 
 def printable(text: str) -> str:

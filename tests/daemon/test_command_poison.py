@@ -139,3 +139,4 @@ def test_an_unexpected_error_is_rejected_not_retried(handler, monkeypatch):
     assert handler.process(inbound(ROLLBACK, cmd, 8)) == "rejected"
     assert handler.clock.slept == [] and handler.link.acked == [8]
     assert "internal error: KeyError" in acks(handler)[0]["reason"]
+    assert acks(handler)[0]["request_id"] == "bug"

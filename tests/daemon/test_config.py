@@ -22,6 +22,15 @@ cameras:
 """
 
 
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    """``ngcal serve --config PATH --check-config`` as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_example_config_is_valid():
     """The shipped example parses, with every section present."""
     cfg = load_config(REPO / "configs" / "daemon.example.yaml")
@@ -85,29 +94,17 @@ def test_check_config_cli_prints_errors_and_exits_nonzero(tmp_path, tiny_bundle)
     opens the bundle (hash check); 0 when everything is valid."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD + "mqtt:\n  hots: x\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(bad), "--check-config"],
-        capture_output=True,
-        text=True,
-    )
+    r = check_config(bad)
     assert r.returncode == 2
     assert f"{bad}:8: mqtt.hots: unknown key" in r.stderr
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
     (tmp_path / "bundle").mkdir()
-    r = subprocess.run(
-        [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(good), "--check-config"],
-        capture_output=True,
-        text=True,
-    )
+    r = check_config(good)
     assert r.returncode == 2 and "bundle:" in r.stderr  # an empty folder is not a bundle
     good.write_text(GOOD.replace("bundle: bundle", f"bundle: {tiny_bundle}"))
     (tmp_path / "cams" / "top").mkdir(parents=True)
-    r = subprocess.run(
-        [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(good), "--check-config"],
-        capture_output=True,
-        text=True,
-    )
+    r = check_config(good)
     assert r.returncode == 0, r.stderr
 
 
@@ -148,10 +145,6 @@ def test_check_config_warns_when_tls_or_authentication_is_off_for_a_remote_broke
     assert security_warnings(MqttConfig(host="::1")) == []
     cfg = tmp_path / "remote.yaml"
     cfg.write_text(GOOD + "mqtt:\n  host: broker.plant.local\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "ngcal.cli.main", "serve", "--config", str(cfg), "--check-config"],
-        capture_output=True,
-        text=True,
-    )
+    r = check_config(cfg)
     assert f"{cfg}: warning: mqtt.tls is off for the non-loopback broker" in r.stderr
     assert "warning: mqtt authentication is off" in r.stderr
