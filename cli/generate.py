@@ -1,8 +1,9 @@
 """``ngcal generate <generator>``: synthesise NG evidence for calibration.
 
 Each generator is a sub-sub-command with its own ``add_<name>_arguments`` and ``run_<name>``
-listed in ``GENERATORS``; ``glass`` is the first (feature- and image-space anomalies,
-``ngcal.generation.glass``). A second one (e.g. ``diffusion``) is added as another entry.
+listed in ``GENERATORS``: ``glass`` (feature- and image-space anomalies,
+``ngcal.generation.glass``) and ``diffusion`` (defects painted by a diffusion model from zero to
+a few real NG, ``ngcal.generation.diffusion``).
 Only stdlib at module top; the generation package (torch) is imported inside ``run``.
 """
 
@@ -104,6 +105,84 @@ def run_glass(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_diffusion_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``ngcal generate diffusion``."""
+    p.add_argument("--model", required=True, help="fitted model directory (ngcal fit)")
+    p.add_argument("--data", required=True, help="category folder (MVTec layout, train/good)")
+    p.add_argument("--out", required=True, help="output folder (score set, images, index, sheet)")
+    p.add_argument(
+        "--ng",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="real NG with masks: an MVTec test/<type> folder (masks in ground_truth/<type>), "
+        "a folder of x.png + x_mask.png, or a folder of such folders; repeatable; "
+        "none: the zero-NG mode",
+    )
+    p.add_argument("--count", type=int, default=32, help="target masks (one kept NG each at most)")
+    p.add_argument("--candidates", type=int, default=2, help="candidates per target mask")
+    p.add_argument("--backend", choices=("fewshot", "pretrained"), default="fewshot")
+    p.add_argument(
+        "--model-path", default=None, help="local Stable Diffusion inpainting folder (pretrained)"
+    )
+    p.add_argument("--train-steps", type=int, default=None, help="fewshot training steps")
+    p.add_argument(
+        "--sd-resolution", type=int, default=512, help="pretrained: inpainting size in pixels"
+    )
+    p.add_argument("--sd-steps", type=int, default=30, help="pretrained: inference steps")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed (CPU outputs are deterministic)"
+    )
+    p.add_argument(
+        "--foreground", action="store_true", help="place target masks on an Otsu foreground"
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def run_diffusion(args: argparse.Namespace) -> int:
+    """Run the diffusion generator and print where the outputs went."""
+    import dataclasses
+
+    import torch
+
+    from ngcal.generation.diffusion.fewshot import FewShotConfig
+    from ngcal.generation.diffusion.run import DiffusionOptions, generate_diffusion
+
+    if args.device != "cuda":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    fewshot = FewShotConfig(seed=args.seed)
+    if args.train_steps is not None:
+        fewshot = dataclasses.replace(fewshot, train_steps=args.train_steps)
+    options = DiffusionOptions(
+        count=args.count,
+        candidates=args.candidates,
+        backend=args.backend,
+        model_path=args.model_path,
+        ng=tuple(args.ng),
+        seed=args.seed,
+        device=args.device,
+        foreground=args.foreground,
+        sd_resolution=args.sd_resolution,
+        sd_steps=args.sd_steps,
+        fewshot=fewshot,
+    )
+    result = generate_diffusion(
+        args.model, args.data, args.out, options, progress=not args.no_progress
+    )
+    s = result.summary
+    rate = result.scoreset.meta["acceptance_rate"]
+    print(
+        f"diffusion: {s['kept']} of {s['targets']} targets kept (acceptance {rate:.2f}), "
+        f"{s['candidates']} candidates, "
+        f"failed checks {s['failed_checks']}"
+    )
+    if len(result.scoreset):
+        print(f"median score {_median(result.scoreset.scores):.4f}")
+    print(f"wrote {result.out} (contact sheet {result.contact_sheet})")
+    return 0
+
+
 def _median(x: object) -> float:
     import numpy as np
 
@@ -119,6 +198,11 @@ GENERATORS: dict[
         "GLASS: feature-space (GAS) and image-space (LAS) anomalies scored by the model",
         add_glass_arguments,
         run_glass,
+    ),
+    "diffusion": (
+        "diffusion: defects painted by a diffusion model from zero to a few real NG, gated",
+        add_diffusion_arguments,
+        run_diffusion,
     ),
 }
 

@@ -53,3 +53,31 @@ def tiny_model(tiny_category: Path) -> Path:
     )  # fmt: skip
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_ng_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small procedural demo category (96 px) whose test defects come with masks."""
+    from ngcal.generation.demo_data import make_demo_category
+
+    root = tmp_path_factory.mktemp("diffusion") / "demo"
+    return make_demo_category(root, n_train=14, n_test_good=2, n_test_per_defect=2, size=96)
+
+
+@pytest.fixture(scope="session")
+def demo_ng_model(demo_ng_category: Path) -> Path:
+    """A PatchCore fitted by ``ngcal fit`` on ``demo_ng_category`` (64 px input)."""
+    import torch  # noqa: F401
+
+    from ngcal.cli.main import main
+
+    out = demo_ng_category.parent / "model"
+    rc = main(
+        [
+            "fit", "--data", str(demo_ng_category), "--out", str(out),
+            "--image-size", str(IMAGE_SIZE), "--cv-folds", "0", "--coreset-ratio", "0.25",
+            "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    return out

@@ -1,0 +1,335 @@
+"""``ngcal generate diffusion``: draw targets, paint candidates, gate them, score the kept ones.
+
+Pipeline: load the PatchCore model (its input size is the working resolution); read the real
+NG references (``--ng``, none = zero-NG mode); pick ``count`` good training images (seeded)
+and one target mask each (``targets``), round-robin over the defect types; let the backend
+prepare (train or load) and paint ``candidates`` candidates per target; run the gate on every
+candidate; of each target's passing candidates keep the one least like its good image; score
+the kept images with the model exactly as real images (``ngcal.patchcore.io.score_paths``).
+
+Outputs under ``out`` (like GLASS's): ``scores/diffusion.json`` (source ``diffusion``, group =
+defect type), ``images/<k>.png`` and ``masks/<k>_mask.png`` (every candidate; the mask is the
+label re-derived from the actual change), ``index.json`` (one record per candidate, accepted
+or not, with every gate figure), ``contact_sheet.png`` (good | mask | NG triples, kept and
+rejected marked) and ``diffusion_run.json`` (options, backend record, counts).
+
+The good images come from ``train/good`` and are scored by the full model, whose memory bank
+holds their patches: their untouched background scores a little lower than a new image's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ngcal.core.dataset import load_category
+from ngcal.core.errors import ConfigError
+from ngcal.core.files import atomic_write_json
+from ngcal.core.images import load_rgb, normalize, resize_rgb
+from ngcal.core.scoresets import ScoreSet, save_scoreset
+from ngcal.patchcore.io import LoadedModel
+
+from ..las import contact_sheet, save_png
+from ..perlin import otsu_foreground, pool_to_grid
+from .backend import Candidate, DefectBackend, Reference, Request
+from .fewshot import ZERO_NG_GROUP, FewShotBackend, FewShotConfig
+from .gate import (
+    Check,
+    GateConfig,
+    check_background,
+    check_copy,
+    check_drawn,
+    check_feature,
+    check_label,
+    check_seam,
+    derived_mask,
+    nn_median,
+    seam_limit,
+    verdict,
+)
+from .targets import draw_target, load_references
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["fewshot", "pretrained"]
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Options of ``generate_diffusion`` (the CLI's flags)."""
+
+    count: int = 32
+    candidates: int = 2
+    backend: BackendName = "fewshot"
+    model_path: str | None = None
+    ng: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "auto"
+    foreground: bool = False
+    pool_images: int = 32
+    sd_resolution: int = 512
+    sd_steps: int = 30
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.candidates < 1 or self.pool_images < 1:
+            raise ConfigError(
+                f"count {self.count}, candidates {self.candidates} and pool_images "
+                f"{self.pool_images} must all be >= 1"
+            )
+        if self.backend == "pretrained" and not self.model_path:
+            raise ConfigError("--backend pretrained needs --model-path (a local SD folder)")
+
+
+@dataclass(frozen=True)
+class DiffusionOutput:
+    """What ``generate_diffusion`` wrote."""
+
+    scoreset: ScoreSet
+    out: Path
+    contact_sheet: Path
+    summary: dict[str, object]
+
+
+def make_backend(options: DiffusionOptions, device: torch.device) -> DefectBackend:
+    """The backend named in ``options``."""
+    if options.backend == "fewshot":
+        cfg = options.fewshot
+        if cfg.seed != options.seed:
+            cfg = FewShotConfig(**{**asdict(cfg), "seed": options.seed})
+        return FewShotBackend(cfg, device=str(device))
+    from .pretrained import PretrainedBackend, PretrainedConfig
+
+    return PretrainedBackend(
+        PretrainedConfig(
+            model_path=str(options.model_path),
+            seed=options.seed,
+            resolution=options.sd_resolution,
+            steps=options.sd_steps,
+        ),
+        device=str(device),
+    )
+
+
+@torch.no_grad()
+def _embed(loaded: LoadedModel, images: Sequence[np.ndarray], batch: int = 8) -> np.ndarray:
+    """PatchCore features of uint8 RGB images at model size: float32 [N, h, w, D]."""
+    spec = loaded.manifest.preprocessing
+    device = next(loaded.module.buffers()).device
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack([normalize(im, spec) for im in images[i : i + batch]]))
+        out.append(loaded.module.embed(x.to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 1), np.float32)
+
+
+def _real_features(
+    loaded: LoadedModel, refs: Sequence[Reference], grid: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """Per defect type, the features of the real NG's defect cells [n, D]."""
+    if not refs:
+        return {}
+    feats = _embed(loaded, [r.image for r in refs])
+    out: dict[str, list[np.ndarray]] = {}
+    for r, f in zip(refs, feats, strict=True):
+        out.setdefault(r.group, []).append(f[pool_to_grid(r.mask, grid)])
+    return {g: np.concatenate(v) for g, v in out.items()}
+
+
+def _gate_all(
+    requests: Sequence[Request],
+    cands: list[list[Candidate]],
+    backend: DefectBackend,
+    refs: Sequence[Reference],
+    loaded: LoadedModel,
+    cfg: GateConfig,
+) -> list[list[tuple[list[Check], np.ndarray]]]:
+    """Every candidate's checks and derived label, in the shape of ``cands``."""
+    grid = tuple(int(v) for v in loaded.manifest.patchcore.feature_map_size)
+    real = _real_features(loaded, refs, (grid[0], grid[1]))
+    limits = {
+        g: seam_limit([(r.image, r.mask) for r in refs if r.group == g], cfg)
+        for g in {r.group for r in requests}
+    }
+    training = backend.training_crops()
+    goods_f = _embed(loaded, [r.good for r in requests]) if real else None
+    out = []
+    for j, (req, row) in enumerate(zip(requests, cands, strict=True)):
+        ng_f = _embed(loaded, [c.image for c in row]) if real else None
+        cells = pool_to_grid(req.target, (grid[0], grid[1]))
+        bank = real.get(req.group)
+        if bank is None and real:
+            bank = np.concatenate(list(real.values()))
+        res = []
+        for i, c in enumerate(row):
+            derived = derived_mask(req.good, c.image, req.target, cfg.change_tau)
+            d_ng = d_good = None
+            if bank is not None and ng_f is not None and goods_f is not None and cells.any():
+                d_ng = nn_median(ng_f[i][cells], bank)
+                d_good = nn_median(goods_f[j][cells], bank)
+            checks = [
+                check_background(req.good, c.image, req.target),
+                check_drawn(req.good, c.image, req.target, cfg),
+                check_label(derived, req.target, cfg),
+                check_seam(c.image, req.target, limits[req.group]),
+                check_copy(c.crop, c.crop_mask, training, cfg),
+                check_feature(d_ng, d_good),
+            ]
+            res.append((checks, derived))
+        out.append(res)
+    return out
+
+
+def _pick_goods(data: Path, n: int, rng: np.random.Generator) -> list[tuple[str, Path]]:
+    cat = load_category(data)
+    order = rng.permutation(len(cat.train))
+    return [(cat.train[int(i)].item_id, cat.train[int(i)].path) for i in order[:n]]
+
+
+def generate_diffusion(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    options: DiffusionOptions = DiffusionOptions(),
+    *,
+    progress: bool = True,
+    references: Sequence[Reference] | None = None,
+) -> DiffusionOutput:
+    """Generate, gate, score and write diffusion NG (see the module docstring)."""
+    from ngcal.patchcore.io import load_model, score_paths
+
+    from ..glass import resolve_device
+
+    device = resolve_device(options.device)
+    loaded = load_model(model_dir, device=str(device))
+    spec = loaded.manifest.preprocessing
+    size = spec.image_size
+    out = Path(out_dir)
+    refs = list(references) if references is not None else load_references(options.ng, size)
+    rng = np.random.default_rng(options.seed)
+    picked = _pick_goods(Path(data_dir), options.count + options.pool_images, rng)
+    rgb = [resize_rgb(load_rgb(p), size, spec.resample) for _, p in picked]
+    slots = [j % len(picked) for j in range(options.count)]
+    pool = rgb[options.count :] or rgb
+    groups = sorted({r.group for r in refs}) or [ZERO_NG_GROUP]
+    requests, kinds = [], []
+    for j, s in enumerate(slots):
+        g = groups[j % len(groups)]
+        fg = otsu_foreground(rgb[s][..., 0]) if options.foreground else None
+        tgt, kind = draw_target([r for r in refs if r.group == g], (size, size), rng, foreground=fg)
+        requests.append(Request(rgb[s], tgt, g))
+        kinds.append(kind)
+
+    backend = make_backend(options, device)
+    record = backend.prepare(refs, pool, progress=progress)
+    t0 = time.perf_counter()
+    cands = backend.generate(requests, candidates=options.candidates, progress=progress)
+    sample_seconds = time.perf_counter() - t0
+    gated = _gate_all(requests, cands, backend, refs, loaded, options.gate)
+
+    for sub in ("images", "masks", "scores"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+    kept: list[int] = []  # row index of each kept candidate
+    sheet_items: list[tuple[np.ndarray, np.ndarray, str]] = []
+    fails: Counter[str] = Counter()
+    for j, (req, row, res) in enumerate(zip(requests, cands, gated, strict=True)):
+        best, best_change = -1, -1.0
+        for i, (c, (checks, derived)) in enumerate(zip(row, res, strict=True)):
+            k = len(rows)
+            ok, failed = verdict(checks)
+            fails.update(failed)
+            change = float(checks[1].value or 0.0)
+            if ok and change > best_change:
+                best, best_change = k, change
+            save_png(str(out / "images" / f"{k:04d}.png"), c.image)
+            save_png(str(out / "masks" / f"{k:04d}_mask.png"), derived)
+            rows.append(
+                {
+                    "k": k,
+                    "slot": j,
+                    "candidate": i,
+                    "group": req.group,
+                    "good": picked[slots[j]][0],
+                    "target_kind": kinds[j],
+                    "target_fraction": float(req.target.mean()),
+                    "image": f"images/{k:04d}.png",
+                    "mask": f"masks/{k:04d}_mask.png",
+                    "passed": ok,
+                    "failed": failed,
+                    "kept": False,
+                    "checks": {ch.name: ch.as_dict() for ch in checks},
+                    "backend": c.record,
+                }
+            )
+        if best >= 0:
+            rows[best]["kept"] = True
+            kept.append(best)
+        show = best if best >= 0 else len(rows) - len(row)
+        if len(sheet_items) < 24:
+            r = rows[show]
+            tag = "KEPT" if best >= 0 else "REJECTED " + ",".join(r["failed"])  # type: ignore[arg-type]
+            c = row[int(r["candidate"])]  # type: ignore[call-overload]
+            empty = np.zeros_like(req.target)
+            mask_rgb = np.repeat(req.target[..., None].astype(np.uint8) * 255, 3, axis=2)
+            sheet_items += [
+                (req.good, empty, f"{show:04d} good {req.group}"),
+                (mask_rgb, empty, f"target {kinds[j]}"),
+                (c.image, req.target, tag),
+            ]
+
+    scores = np.zeros(0)
+    if kept:
+        scored = score_paths(loaded, [out / str(rows[k]["image"]) for k in kept], with_maps=False)
+        scores = np.asarray(scored.scores, dtype=np.float64)
+    for k, score in zip(kept, scores, strict=True):
+        rows[k]["score"] = float(score)
+    acceptance = len(kept) / max(len(requests), 1)
+    meta: dict[str, object] = {
+        "backend": options.backend,
+        "seed": options.seed,
+        "acceptance_rate": acceptance,
+        "candidates_per_target": options.candidates,
+        "references": [r.item_id for r in refs],
+        "index": "index.json",
+    }
+    ss = ScoreSet(
+        source="diffusion",
+        scores=scores,
+        item_ids=tuple(f"{rows[k]['good']}#diffusion{k}" for k in kept),
+        groups=tuple(str(rows[k]["group"]) for k in kept),
+        model_sha256=loaded.sha256,
+        meta=meta,
+    )
+    save_scoreset(out / "scores" / "diffusion.json", ss)
+    atomic_write_json(out / "index.json", {"schema": "ngcal.diffusion_index/1", "items": rows})
+    sheet = out / "contact_sheet.png"
+    save_png(str(sheet), contact_sheet(sheet_items, columns=6, tile=128))
+    summary: dict[str, object] = {
+        "schema": "ngcal.diffusion_run/1",
+        "model": str(loaded.root),
+        "model_sha256": loaded.sha256,
+        "data": str(data_dir),
+        "device": str(device),
+        "options": asdict(options),
+        "backend": record,
+        "targets": len(requests),
+        "candidates": len(rows),
+        "kept": len(kept),
+        "acceptance_rate": acceptance,
+        "failed_checks": dict(fails),
+        "sample_seconds": sample_seconds,
+        "seconds_per_sample": sample_seconds / max(len(rows), 1),
+        "median_score": float(np.median(scores)) if scores.size else None,
+    }
+    atomic_write_json(out / "diffusion_run.json", summary)
+    return DiffusionOutput(ss, out, sheet, summary)

@@ -1,0 +1,181 @@
+"""Real NG references and the target masks a defect is painted into.
+
+References (``load_references``): each ``--ng`` folder is an MVTec ``test/<type>`` folder
+(masks in ``../../ground_truth/<type>/<stem>_mask.png``), a folder of ``x.png`` +
+``x_mask.png``, or a folder of such folders (one defect type each). The defect type
+(``group``) is the folder's name. Images and masks are brought to the model's input size.
+
+Target masks (``draw_target``), so defects appear where the line's could: a real mask of
+the group re-placed (random flip, rotation by a multiple of 90 degrees, scale 0.7-1.3, at a
+random position, optionally on the part's foreground), or a synthetic stroke or blob about as
+large as the group's real masks (or a Perlin region in the zero-NG mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ngcal.core.dataset import list_images
+from ngcal.core.errors import DataError
+from ngcal.core.images import load_mask, load_rgb, resize_rgb
+
+from ..perlin import perlin_mask
+from .backend import Reference
+
+MASK_SUFFIX = "_mask"
+
+
+def _pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of an MVTec test/<type> folder or of an x.png + x_mask.png folder."""
+    gt = folder.parent.parent / "ground_truth" / folder.name
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.stem.endswith(MASK_SUFFIX):
+            continue
+        for cand in (
+            folder / f"{p.stem}{MASK_SUFFIX}{p.suffix}",
+            gt / f"{p.stem}{MASK_SUFFIX}.png",
+        ):
+            if cand.is_file():
+                out.append((p, cand))
+                break
+    return out
+
+
+def load_references(folders: Sequence[str | Path], size: int) -> list[Reference]:
+    """Real NG images with masks from ``folders`` (see the module docstring), at ``size``."""
+    refs: list[Reference] = []
+    for f in map(Path, folders):
+        if not f.is_dir():
+            raise DataError(f"--ng {f}: not a directory")
+        pairs = _pairs(f)
+        groups = (
+            [(f, pairs)] if pairs else [(d, _pairs(d)) for d in sorted(f.iterdir()) if d.is_dir()]
+        )
+        groups = [(d, p) for d, p in groups if p]
+        if not groups:
+            list_images(f)  # raises when there is no image at all
+            raise DataError(f"--ng {f}: no image has a mask (x.png + x_mask.png or ground_truth/)")
+        for d, ps in groups:
+            for img, msk in ps:
+                mask = load_mask(msk, size)
+                if not mask.any():
+                    raise DataError(f"{msk}: empty mask")
+                rgb = resize_rgb(load_rgb(img), size)
+                refs.append(Reference(rgb, mask, d.name, f"{d.name}/{img.name}"))
+    return refs
+
+
+def _bbox_patch(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def replace_mask(
+    mask: np.ndarray,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    foreground: np.ndarray | None = None,
+    tries: int = 20,
+) -> np.ndarray:
+    """A real mask re-placed: flipped, rotated by k x 90 degrees, scaled 0.7-1.3, moved."""
+    patch = _bbox_patch(mask)
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    patch = np.rot90(patch, int(rng.integers(0, 4)))
+    s = float(rng.uniform(0.7, 1.3))
+    h, w = shape
+    ph = int(np.clip(round(patch.shape[0] * s), 1, h))
+    pw = int(np.clip(round(patch.shape[1] * s), 1, w))
+    im = Image.fromarray(patch.astype(np.uint8) * 255, mode="L")
+    small = np.asarray(im.resize((pw, ph), Image.Resampling.NEAREST)) > 127
+    if not small.any():
+        small = np.ones((ph, pw), dtype=bool)
+    out = np.zeros(shape, dtype=bool)
+    for _ in range(tries):
+        y = int(rng.integers(0, h - ph + 1))
+        x = int(rng.integers(0, w - pw + 1))
+        if foreground is None or foreground[y + ph // 2, x + pw // 2]:
+            break
+    out[y : y + ph, x : x + pw] = small
+    return out
+
+
+def stroke_mask(shape: tuple[int, int], length: float, rng: np.random.Generator) -> np.ndarray:
+    """A crack-like stroke: a 3-5 segment polyline of about ``length`` pixels, 2-5 px wide."""
+    h, w = shape
+    im = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(im)
+    n = int(rng.integers(3, 6))
+    step = max(length / n, 2.0)
+    y, x = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    angle = rng.uniform(0, 2 * np.pi)
+    pts = [(x, y)]
+    for _ in range(n):
+        angle += rng.normal(0, 0.5)
+        x = float(np.clip(x + step * np.cos(angle), 0, w - 1))
+        y = float(np.clip(y + step * np.sin(angle), 0, h - 1))
+        pts.append((x, y))
+    draw.line(pts, fill=255, width=int(rng.integers(2, 6)))
+    return np.asarray(im) > 127
+
+
+def blob_mask(shape: tuple[int, int], radius: float, rng: np.random.Generator) -> np.ndarray:
+    """A blob: an ellipse of mean radius ``radius`` with a wobbly (harmonic) outline."""
+    h, w = shape
+    cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    ang = np.arctan2(yy - cy, xx - cx)
+    k = rng.uniform(-0.25, 0.25, 3)
+    r = radius * (1 + k[0] * np.cos(2 * ang + 1) + k[1] * np.sin(3 * ang) + k[2] * np.cos(5 * ang))
+    e = rng.uniform(0.6, 1.0)
+    out: np.ndarray = ((xx - cx) ** 2 + ((yy - cy) / e) ** 2) < np.maximum(r, 1.0) ** 2
+    return out
+
+
+def draw_target(
+    references: Sequence[Reference],
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    foreground: np.ndarray | None = None,
+    real_share: float = 0.7,
+) -> tuple[np.ndarray, str]:
+    """One target mask and its kind (``real``, ``stroke``, ``blob``, ``perlin``).
+
+    With references of the group: a re-placed real mask with probability ``real_share``, else
+    a stroke or blob sized like the references. Without: a Perlin region (GLASS/DRAEM masks,
+    ``ngcal.generation.perlin``) shrunk to a defect's scale, or a stroke/blob.
+    """
+    h, w = shape
+    if references:
+        if rng.random() < real_share:
+            ref = references[int(rng.integers(0, len(references)))]
+            return replace_mask(ref.mask, shape, rng, foreground=foreground), "real"
+        area = float(np.median([r.mask.sum() for r in references]))
+    else:
+        area = float(rng.uniform(0.002, 0.02) * h * w)
+        if rng.random() < 0.4:
+            side = int(np.clip(np.sqrt(area) * 2.5, 8, min(h, w)))
+            region = perlin_mask((side, side), (1, 1), rng).pixels
+            out = np.zeros(shape, dtype=bool)
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            out[y : y + side, x : x + side] = region
+            return _on_foreground(out, foreground), "perlin"
+    if rng.random() < 0.5:
+        m = stroke_mask(shape, length=float(np.sqrt(area) * 2.0), rng=rng)
+        return _on_foreground(m, foreground), "stroke"
+    return _on_foreground(blob_mask(shape, float(np.sqrt(area / np.pi)), rng), foreground), "blob"
+
+
+def _on_foreground(mask: np.ndarray, foreground: np.ndarray | None) -> np.ndarray:
+    """``mask`` restricted to the foreground unless that would empty it."""
+    if foreground is None:
+        return mask
+    inter = mask & foreground
+    return inter if inter.any() else mask
