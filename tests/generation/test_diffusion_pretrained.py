@@ -68,7 +68,8 @@ def _tiny_sd(root: Path) -> Path:
     )  # fmt: skip
     pipe = StableDiffusionInpaintPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )  # fmt: skip
     out = root / "sd"
     pipe.save_pretrained(out)
