@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the config, print file:line: key: message per error, exit non-zero on any",
+        help="check everything serve needs (config, credentials, folders, TLS files, bundle, "
+        "runtime, state dir); print every problem, exit 2 on any",
     )
 
 
@@ -33,28 +34,23 @@ def run(args: argparse.Namespace) -> int:
 
         for w in security_warnings(cfg.mqtt):  # warnings, not problems: exit status unchanged
             print(f"{args.config}: {w}", file=sys.stderr)
-        from ngcal.core.bundle import open_bundle
-        from ngcal.core.errors import NgcalError
+        from ngcal.daemon.preflight import all_problems
 
-        problems = []
-        try:
-            bundle = open_bundle(cfg.bundle)  # verifies every hash
-            if bundle.thresholds is None:
-                print(
-                    f"{args.config}: note: bundle has no thresholds.json; the state "
-                    "database must hold one",
-                    file=sys.stderr,
-                )
-        except NgcalError as e:
-            problems.append(f"{args.config}: bundle: {e}")
+        problems = all_problems(cfg)
         for p in problems:
-            print(p, file=sys.stderr)
+            print(f"{args.config}: {p}", file=sys.stderr)
         if problems:
+            print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
             return 2
         print(f"{args.config}: OK ({len(cfg.cameras)} camera(s), device {cfg.device_id})")
         return 0
 
+    import logging
+
     from ngcal.daemon.service import Daemon
+
+    if getattr(args, "verbose", 0) == 0:  # a service logs its routine events (journald)
+        logging.getLogger().setLevel(logging.INFO)
 
     stop = threading.Event()
 

@@ -33,6 +33,11 @@ class CameraConfig(_Section):
         default=None, description="file name pattern, e.g. '*.png' (default: any image suffix)"
     )
     recursive: bool = Field(default=False, description="also watch sub-folders")
+    create: bool = Field(
+        default=False,
+        description="create the folder when missing (default: a missing folder is refused, "
+        "so a mistyped path is never watched silently)",
+    )
 
 
 class RuntimeConfig(_Section):
@@ -159,6 +164,24 @@ class RecalibrationConfig(_Section):
     )
     intake_dir: Path | None = Field(
         default=None, description="folder for confirmed images the daemon never saw"
+    )
+    audit_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of OK verdicts drawn at random and marked audit: true for a person "
+        "to check (0: off); their confirmations estimate the escape rate without bias",
+    )
+    stream_window: int = Field(
+        default=5000,
+        ge=0,
+        description="recent scored verdicts used as normal evidence (contaminated by at most "
+        "about `prevalence` defects); 0: off",
+    )
+    accept_manual_thresholds: bool = Field(
+        default=False,
+        description="accept a thresholds.json ngcal did not write (operator override: "
+        "audited and published)",
     )
 
 
@@ -309,6 +332,13 @@ def _resolve_paths(cfg: DaemonConfig, base: Path) -> DaemonConfig:
     cams = [c.model_copy(update={"watch": r(c.watch)}) for c in cfg.cameras]
     recal = cfg.recalibration.model_copy(update={"intake_dir": r(cfg.recalibration.intake_dir)})
     runtime = cfg.runtime.model_copy(update={"cache_dir": r(cfg.runtime.cache_dir)})
+    mqtt = cfg.mqtt
+    if mqtt.tls is not None:
+        t = mqtt.tls
+        tls = t.model_copy(
+            update={"ca_file": r(t.ca_file), "cert_file": r(t.cert_file), "key_file": r(t.key_file)}
+        )
+        mqtt = mqtt.model_copy(update={"tls": tls})
     return cfg.model_copy(
         update={
             "bundle": r(cfg.bundle),
@@ -316,5 +346,6 @@ def _resolve_paths(cfg: DaemonConfig, base: Path) -> DaemonConfig:
             "cameras": cams,
             "recalibration": recal,
             "runtime": runtime,
+            "mqtt": mqtt,
         }
     )

@@ -57,6 +57,8 @@ class Verdict:
     detected_at: float
     decided_at: float
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: drawn at random (``recalibration.audit_share`` of OK verdicts) for a person to check
+    audit: bool = False
 
     def payload(self) -> bytes:
         """The ``<camera>/verdict`` message body."""

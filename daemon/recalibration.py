@@ -7,6 +7,15 @@ state is also exported atomically as ``policy_state.json`` and ``thresholds.json
 ``thresholds/v<N>.json``) in the state directory for operators and tools; the database
 stays the source of truth. Readers take ``current`` without a lock: it is one reference,
 swapped after the commit.
+
+The evidence a recalibration rests on (``assemble_evidence``, a pure function): the
+bundle's score sets (the normal and synthetic evidence the first threshold was calibrated
+on), the confirmed real NG and OK (the last label of an image wins), and the stream of
+recent scored verdicts that nobody labelled: parts as the line sends them, so normal
+evidence contaminated by at most about ``prevalence`` defects. Confirmations are a
+selected sample (flagged parts and escapes found downstream); only the confirmations of
+verdicts drawn at random for audit (``recalibration.audit_share`` of OK verdicts) are a
+fair sample of passed parts, and they alone estimate the escape rate.
 """
 
 from __future__ import annotations
@@ -14,19 +23,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ngcal.calibration.ng import jeffreys_interval
 from ngcal.calibration.policy import Decision, PolicyConfig, PolicyState, recalibrate, rollback
 from ngcal.core.bundle import Bundle
 from ngcal.core.errors import ConfigError
 from ngcal.core.files import atomic_write_json
 from ngcal.core.scoresets import ScoreSet, Source
-from ngcal.core.thresholds import OperatingPoint, ThresholdFile
+from ngcal.core.thresholds import Interval, OperatingPoint, ThresholdFile
 
 from .config import RecalibrationConfig
 from .messages import RECAL_SCHEMA, Outbound, Topics
@@ -35,6 +48,7 @@ from .store import Store, append_audit, enqueue, put_meta
 log = logging.getLogger(__name__)
 
 STATE_KEY = "policy_state"
+AUDIT_SALT_KEY = "audit_salt"
 
 OnCommit = Callable[[sqlite3.Connection, Decision], None]
 
@@ -55,6 +69,149 @@ def policy_config(cfg: RecalibrationConfig, *, dry_run: bool | None = None) -> P
     )
 
 
+@dataclass(frozen=True)
+class Confirmation:
+    """An operator's latest label of one image (``audited``: it labels an audit draw)."""
+
+    sha256: str
+    label: str
+    score: float
+    audited: bool
+
+
+def latest_confirmations(rows: Iterable[Mapping[str, Any]]) -> dict[str, Confirmation]:
+    """The last label per image from ``Store.confirmations()`` rows (oldest first)."""
+    out: dict[str, Confirmation] = {}
+    for row in rows:
+        sha = str(row["sha256"])
+        out[sha] = Confirmation(
+            sha, str(row["label"]), float(row["score"]), bool(row.get("audited", 0))
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class EscapeAudit:
+    """Audit draws and what their checks found: the unbiased escape-rate estimate.
+
+    ``drawn`` OK verdicts were marked for audit, ``checked`` of them were confirmed and
+    ``escaped`` were confirmed NG; ``rate`` is escaped/checked with a Jeffreys interval
+    (None before the first check). It is the share of passed parts that are defective.
+    """
+
+    drawn: int
+    checked: int
+    escaped: int
+    rate: Interval | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "drawn": self.drawn,
+            "checked": self.checked,
+            "escaped": self.escaped,
+            "escape_rate": None if self.rate is None else self.rate.model_dump(),
+        }
+
+
+def escape_audit(
+    confirmed: Mapping[str, Confirmation], *, drawn: int, level: float = 0.95
+) -> EscapeAudit:
+    """Tally the audited confirmations into an escape rate with an interval at ``level``."""
+    checked = [c for c in confirmed.values() if c.audited]
+    n, k = len(checked), sum(c.label == "NG" for c in checked)
+    rate = None
+    if n:
+        low, high = jeffreys_interval(k / n, float(n), level)
+        rate = Interval(
+            value=k / n,
+            low=low,
+            high=high,
+            level=level,
+            kind="interval",
+            basis=f"{n} audited OK verdicts checked by a person",
+            n=float(n),
+        )
+    return EscapeAudit(drawn=drawn, checked=n, escaped=k, rate=rate)
+
+
+@dataclass(frozen=True)
+class DeviceEvidence:
+    """What a recalibration on the device rests on (see the module docstring).
+
+    ``sets``: the bundle's normal and synthetic score sets, ``real_ng`` and ``real_ok``
+    from confirmations. ``stream``: scores of recent verdicts nobody labelled (normal
+    evidence, at most about ``contamination_bound`` of them defective). ``audit``: the
+    escape-rate estimate from audit draws.
+    """
+
+    sets: tuple[ScoreSet, ...]
+    stream: np.ndarray
+    contamination_bound: float
+    audit: EscapeAudit
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per source, the stream and the audit, for events and the audit log."""
+        counts: dict[str, int] = {}
+        for st in self.sets:
+            counts[st.source] = counts.get(st.source, 0) + len(st)
+        return {
+            "counts": dict(sorted(counts.items())),
+            "stream": {"n": int(self.stream.size), "contamination_bound": self.contamination_bound},
+            "escape_audit": self.audit.to_json(),
+        }
+
+
+def assemble_evidence(
+    bundle_sets: Sequence[ScoreSet],
+    confirmations: Iterable[Mapping[str, Any]],
+    stream: Sequence[tuple[str, float]],
+    *,
+    model_sha256: str,
+    contamination_bound: float,
+    audit_drawn: int = 0,
+    level: float = 0.95,
+) -> DeviceEvidence:
+    """The device's evidence from the bundle, the confirmation rows and the verdict stream.
+
+    Real NG/OK score sets that ship in the bundle are replaced by the confirmations (the
+    daemon's own labels are the source of truth for this line); the stream keeps only
+    verdicts whose image has no confirmation, so no part counts twice.
+    """
+    sets = [s for s in bundle_sets if s.source not in ("real_ng", "real_ok")]
+    latest = latest_confirmations(confirmations)
+    pairs: tuple[tuple[Source, str], ...] = (("real_ng", "NG"), ("real_ok", "OK"))
+    for source, label in pairs:
+        items = sorted((k, c.score) for k, c in latest.items() if c.label == label)
+        if items:
+            sets.append(
+                ScoreSet(
+                    source=source,
+                    scores=np.asarray([x for _, x in items], dtype=np.float64),
+                    item_ids=tuple(k for k, _ in items),
+                    model_sha256=model_sha256,
+                )
+            )
+    unlabelled = np.asarray([x for sha, x in stream if sha not in latest], dtype=np.float64)
+    return DeviceEvidence(
+        sets=tuple(sets),
+        stream=unlabelled,
+        contamination_bound=contamination_bound,
+        audit=escape_audit(latest, drawn=audit_drawn, level=level),
+    )
+
+
+def audit_draw(share: float, salt: str, msg_id: str) -> bool:
+    """True for a share ``share`` of verdict ids, uniformly and independently of the score.
+
+    A keyed hash of the verdict's id, so the same file version is always drawn the same way
+    (a re-scored file keeps its flag) and nobody without the device's salt can predict it.
+    """
+    if share <= 0.0:
+        return False
+    h = hashlib.sha256(f"{salt}\x1f{msg_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < share
+
+
 class ThresholdKeeper:
     """Holds the current threshold; applies policy decisions atomically."""
 
@@ -73,6 +230,11 @@ class ThresholdKeeper:
         self.topics = topics
         self._lock = threading.Lock()  # serialises recalibrations, never held by readers
         self.state = self._load_state()
+        salt = store.get_meta(AUDIT_SALT_KEY)
+        if not isinstance(salt, str):
+            salt = secrets.token_hex(16)
+            store.set_meta(AUDIT_SALT_KEY, salt)
+        self._audit_salt = salt
         self.on_change: Callable[[ThresholdFile], None] | None = None
 
     @property
@@ -119,26 +281,27 @@ class ThresholdKeeper:
         atomic_write_json(self.state_dir / "thresholds.json", cur)
 
     # ------------------------------------------------------------------ evidence
-    def evidence(self) -> list[ScoreSet]:
-        """The bundle's score sets plus ``real_ng``/``real_ok`` from confirmations."""
-        sets = [s for s in self.bundle.scoresets() if s.source not in ("real_ng", "real_ok")]
-        latest: dict[str, tuple[str, float]] = {}
-        for row in self.store.confirmations():  # ordered by time: the last label wins
-            latest[row["sha256"]] = (row["label"], float(row["score"]))
+    def audit_draw(self, msg_id: str) -> bool:
+        """Whether this OK verdict is drawn for audit (``recalibration.audit_share``)."""
+        return audit_draw(self.cfg.audit_share, self._audit_salt, msg_id)
+
+    def device_evidence(self) -> DeviceEvidence:
+        """Bundle score sets, confirmations, the verdict stream and the audit tally."""
         model = self.bundle.model_sha256
-        pairs: tuple[tuple[Source, str], ...] = (("real_ng", "NG"), ("real_ok", "OK"))
-        for source, label in pairs:
-            items = [(k, s) for k, (lab, s) in sorted(latest.items()) if lab == label]
-            if items:
-                sets.append(
-                    ScoreSet(
-                        source=source,
-                        scores=np.asarray([s for _, s in items]),
-                        item_ids=tuple(k for k, _ in items),
-                        model_sha256=model,
-                    )
-                )
-        return sets
+        window = self.cfg.stream_window
+        return assemble_evidence(
+            self.bundle.scoresets(),
+            self.store.confirmations(),
+            self.store.recent_scores(model, window) if window else [],
+            model_sha256=model,
+            contamination_bound=self.cfg.prevalence,
+            audit_drawn=self.store.audited_count(model),
+            level=self.cfg.confidence,
+        )
+
+    def evidence(self) -> list[ScoreSet]:
+        """The score sets the policy calibrates on (bundle + confirmed real NG/OK)."""
+        return list(self.device_evidence().sets)
 
     # ------------------------------------------------------------------ decisions
     def recalibrate(
@@ -151,7 +314,9 @@ class ThresholdKeeper:
         """
         with self._lock:
             pc = policy_config(self.cfg, dry_run=dry_run)
-            decision = recalibrate(self.state, self.evidence(), pc, actor=actor)
+            ev = self.device_evidence()
+            decision = recalibrate(self.state, list(ev.sets), pc, actor=actor)
+            decision.audit["device_evidence"] = ev.summary()
             self._commit(decision, "recalibrate", on_commit)
             return decision
 
@@ -174,7 +339,7 @@ class ThresholdKeeper:
         if d.applied:
             self.state = d.new_state
             self._export(d.new_state)
-            log.warning(
+            log.info(  # routine: an operator asked, or the guard rails allowed it
                 "threshold %s: v%d %.6g -> v%d %.6g (%s)",
                 kind,
                 d.old.version,

@@ -240,8 +240,9 @@ class ScoringPipeline:
         for i, p in enumerate(batch):
             scored = results.get(i) or Scored.failed(forced_error or p.error or "unreadable")
             d = decide(scored, thr.value)
+            mid = make_msg_id(self.device, p.cand.camera, p.cand.rel, p.sha256, p.mtime_ns)
             v = Verdict(
-                msg_id=make_msg_id(self.device, p.cand.camera, p.cand.rel, p.sha256, p.mtime_ns),
+                msg_id=mid,
                 camera=p.cand.camera,
                 path=p.cand.rel,
                 size=p.size,
@@ -260,6 +261,7 @@ class ScoringPipeline:
                     "score": round(score_ms, 3),
                     "total": round((now - p.cand.detected_at) * 1e3, 3),
                 },
+                audit=d.label == "OK" and self.keeper.audit_draw(mid),
             )
             if d.label == "ERROR":
                 log.warning("ERROR verdict %s/%s: %s", p.cand.camera, p.cand.rel, d.reason)

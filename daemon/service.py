@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from ngcal.core.bundle import open_installed
+from ngcal.core.errors import ConfigError
 from ngcal.core.runtime import open_scorer
 
 from .commands import CommandHandler
@@ -29,6 +30,7 @@ from .intake import Candidate, Intake
 from .link import MqttLink
 from .messages import STATUS_SCHEMA, Topics
 from .notify import Notifier
+from .preflight import environment_problems
 from .recalibration import ThresholdKeeper, threshold_payload
 from .relay import Relay
 from .scoring import ScoringPipeline
@@ -54,6 +56,11 @@ class Daemon:
     def start(self) -> None:
         """Bring every part up in dependency order, then notify READY."""
         cfg = self.cfg
+        problems = environment_problems(cfg)
+        if problems:
+            raise ConfigError(
+                f"{len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems)
+            )
         self.notifier.status("opening state database")
         self.store = Store(cfg.state_dir)
         self.notifier.status("loading model")
@@ -122,9 +129,20 @@ class Daemon:
             },
         )
         t = self.keeper.current
-        msg = f"ready: {self.scorer.name}, threshold v{t.version} {t.value:.6g}"
-        log.info("%s; watching %s", msg, ", ".join(str(c.watch) for c in cfg.cameras))
-        self.notifier.ready(msg)
+        log.info("%s", self.startup_summary())
+        self.notifier.ready(f"ready: {self.scorer.name}, threshold v{t.version} {t.value:.6g}")
+
+    def startup_summary(self) -> str:
+        """One line: bundle, model, engine, threshold, cameras, broker and TLS, audit share."""
+        cfg, t = self.cfg, self.keeper.current
+        cams = ", ".join(f"{c.id}={c.watch}" for c in cfg.cameras)
+        return (
+            f"ngcal serve {cfg.device_id}: bundle {cfg.bundle} (model "
+            f"{self.bundle.model_sha256[:12]}, {self.scorer.name}); threshold v{t.version} "
+            f"{t.value:.6g} ({t.mode}, by {t.created_by}); cameras {cams}; broker "
+            f"{cfg.mqtt.host}:{cfg.mqtt.port} TLS {'on' if cfg.mqtt.tls else 'off'}; "
+            f"audit {cfg.recalibration.audit_share:.1%} of OK verdicts"
+        )
 
     def _skipped(self, cand: Candidate, reason: str) -> None:
         log.warning("skip %s/%s: %s", cand.camera, cand.rel, reason)

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
     msg_id TEXT PRIMARY KEY, camera TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT,
     score REAL, threshold REAL, threshold_version INTEGER, model_sha256 TEXT NOT NULL,
-    detected_at REAL NOT NULL, decided_at REAL NOT NULL);
+    detected_at REAL NOT NULL, decided_at REAL NOT NULL, audit INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS verdicts_file ON verdicts (camera, path, mtime_ns, size);
 CREATE INDEX IF NOT EXISTS verdicts_sha ON verdicts (sha256);
 CREATE INDEX IF NOT EXISTS verdicts_time ON verdicts (decided_at);
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS commands (
     payload TEXT NOT NULL, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS confirmations (
     request_id TEXT PRIMARY KEY, msg_id TEXT, sha256 TEXT NOT NULL, label TEXT NOT NULL,
-    score REAL NOT NULL, operator TEXT NOT NULL, at REAL NOT NULL);
+    score REAL NOT NULL, operator TEXT NOT NULL, at REAL NOT NULL,
+    audited INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     kind TEXT NOT NULL, entry TEXT NOT NULL);
@@ -66,6 +67,12 @@ CREATE TABLE IF NOT EXISTS alarms (
     kind TEXT NOT NULL, detail TEXT NOT NULL, raised_at REAL NOT NULL, count INTEGER NOT NULL,
     cleared_at REAL, PRIMARY KEY (kind, detail));
 """
+
+#: columns added after the first release: (table, column, declaration); added at open
+_ADDED_COLUMNS = (
+    ("verdicts", "audit", "INTEGER NOT NULL DEFAULT 0"),
+    ("confirmations", "audited", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,15 @@ class Store:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Bring a database written by an earlier release up to the current columns."""
+        with self.tx() as c:
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def _conn(self) -> sqlite3.Connection:
         c: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -141,7 +157,10 @@ class Store:
         with self.tx() as c:
             for v, msg in items:
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR IGNORE INTO verdicts (msg_id, camera, path, size, mtime_ns, "
+                    "sha256, verdict, reason, score, threshold, threshold_version, "
+                    "model_sha256, detected_at, decided_at, audit) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         v.msg_id,
                         v.camera,
@@ -157,6 +176,7 @@ class Store:
                         v.model_sha256,
                         v.detected_at,
                         v.decided_at,
+                        int(v.audit),
                     ),
                 )
                 if cur.rowcount:
@@ -268,7 +288,29 @@ class Store:
         return self._dicts("SELECT * FROM audit WHERE kind=? ORDER BY id", (kind,))
 
     def confirmations(self) -> list[dict[str, Any]]:
-        return self._dicts("SELECT * FROM confirmations ORDER BY at")
+        """Every operator label, oldest first (``audited``: it labels an audit-drawn verdict)."""
+        return self._dicts("SELECT * FROM confirmations ORDER BY at, rowid")
+
+    def recent_scores(self, model_sha256: str, limit: int) -> list[tuple[str, float]]:
+        """(sha256, score) of the ``limit`` most recent scored verdicts of this model.
+
+        The stream of parts as the line sends them (OK and NG verdicts alike): normal
+        evidence contaminated by the line's defects, which confirmations label.
+        """
+        rows = self.query(
+            "SELECT sha256, score FROM verdicts WHERE score IS NOT NULL AND model_sha256=? "
+            "ORDER BY decided_at DESC, rowid DESC LIMIT ?",
+            (model_sha256, int(limit)),
+        )
+        return [(str(s), float(x)) for s, x in rows]
+
+    def audited_count(self, model_sha256: str) -> int:
+        """How many verdicts of this model were drawn for audit (marked ``audit: true``)."""
+        return int(
+            self.query(
+                "SELECT count(*) FROM verdicts WHERE audit=1 AND model_sha256=?", (model_sha256,)
+            )[0][0]
+        )
 
     # ------------------------------------------------------------------ alarms
     def raise_alarm(self, kind: str, detail: str) -> None:
@@ -348,10 +390,15 @@ def add_confirmation(
     score: float,
     operator: str,
 ) -> None:
-    """Record an operator's label of one image with its score, in the caller's transaction."""
+    """Record an operator's label of one image with its score, in the caller's transaction.
+
+    The label is recorded as ``audited`` when it names a verdict drawn for audit: those
+    labels are a random sample of passed parts (the unbiased escape-rate estimate).
+    """
     c.execute(
-        "INSERT INTO confirmations VALUES (?,?,?,?,?,?,?)",
-        (request_id, msg_id, sha256, label, float(score), operator, time.time()),
+        "INSERT INTO confirmations (request_id, msg_id, sha256, label, score, operator, at, "
+        "audited) VALUES (?,?,?,?,?,?,?, COALESCE((SELECT audit FROM verdicts WHERE msg_id=?), 0))",
+        (request_id, msg_id, sha256, label, float(score), operator, time.time(), msg_id),
     )
 
 

@@ -58,7 +58,7 @@ def _outage_run(
     broker = broker_factory()
     cfg = daemon_config(tmp_path, tiny_bundle, broker.port, rescan=1.0)
     watch = tmp_path / "watch" / "cam1"
-    watch.mkdir(parents=True)
+    watch.mkdir(parents=True, exist_ok=True)
     state = tmp_path / "state"
     sub = Subscriber(
         broker.port, ("ngcal/dev1/+/verdict",), client_id="obs", persistent=True

@@ -1,0 +1,289 @@
+"""The device's recalibration evidence and audit sampling.
+
+Pure: how bundle score sets, confirmations and the verdict stream become the evidence
+(last label wins, no part counted twice), the escape-rate tally from audit draws, the
+audit draw itself. Real SQLite: the audit flag of verdicts and confirmations, the verdict
+stream, an old database upgraded in place. End to end through ThresholdKeeper + Store: a
+device recalibration after k confirmed NG equals `ngcal calibrate --real-ng` offline on the
+same evidence, and a threshold change logs at INFO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon_kit import TINY_MODEL_SHA, make_tiny_bundle
+
+from ngcal.cli.main import main as ngcal_main
+from ngcal.core.bundle import open_bundle
+from ngcal.core.scoresets import ScoreSet, save_scoreset
+from ngcal.core.thresholds import load_thresholds
+from ngcal.daemon.config import RecalibrationConfig
+from ngcal.daemon.messages import Outbound, Topics, Verdict
+from ngcal.daemon.recalibration import (
+    ThresholdKeeper,
+    assemble_evidence,
+    audit_draw,
+    escape_audit,
+    latest_confirmations,
+)
+from ngcal.daemon.store import Store, add_confirmation
+
+SHA = TINY_MODEL_SHA
+
+
+def conf(sha: str, label: str, score: float, audited: int = 0) -> dict[str, object]:
+    return {"sha256": sha, "label": label, "score": score, "audited": audited}
+
+
+def sset(source: str, scores: list[float]) -> ScoreSet:
+    return ScoreSet(
+        source=source,  # type: ignore[arg-type]
+        scores=np.asarray(scores, dtype=np.float64),
+        item_ids=tuple(f"{source}/{i}" for i in range(len(scores))),
+        model_sha256=SHA,
+    )
+
+
+def test_evidence_takes_the_last_label_and_counts_no_part_twice():
+    """real_ng/real_ok come from the last label of each image (a bundle's own real sets are
+    replaced); the stream keeps only verdicts nobody labelled; sources are counted."""
+    bundle = [sset("normal_loo", [0.1, 0.2, 0.3]), sset("glass_image", [0.9, 1.0])]
+    bundle.append(sset("real_ng", [5.0]))  # shipped real NG: replaced by the device's labels
+    rows = [
+        conf("a", "NG", 0.8),
+        conf("b", "OK", 0.7),
+        conf("a", "OK", 0.8),  # relabelled: the last label wins
+        conf("c", "NG", 0.95, audited=1),
+    ]
+    stream = [("a", 0.8), ("b", 0.7), ("c", 0.95), ("d", 0.2), ("e", 0.25)]
+    ev = assemble_evidence(bundle, rows, stream, model_sha256=SHA, contamination_bound=0.02)
+    by = {s.source: s for s in ev.sets}
+    assert sorted(by) == ["glass_image", "normal_loo", "real_ng", "real_ok"]
+    assert by["real_ng"].item_ids == ("c",) and by["real_ng"].scores.tolist() == [0.95]
+    assert by["real_ok"].item_ids == ("a", "b")
+    assert by["real_ok"].model_sha256 == SHA
+    assert sorted(ev.stream.tolist()) == [0.2, 0.25]  # labelled images left the stream
+    summary = ev.summary()
+    assert summary["counts"] == {"glass_image": 2, "normal_loo": 3, "real_ng": 1, "real_ok": 2}
+    assert summary["stream"] == {"n": 2, "contamination_bound": 0.02}
+    assert summary["escape_audit"]["checked"] == 1
+
+
+def test_escape_rate_comes_only_from_audited_confirmations():
+    """Escapes found downstream (not audited) never enter the estimate; audited checks give
+    k/n with a Jeffreys interval that contains it; no checks: no estimate."""
+    rows = [conf(f"x{i}", "OK", 0.1, audited=1) for i in range(38)]
+    rows += [conf("y0", "NG", 0.2, audited=1), conf("y1", "NG", 0.3, audited=1)]
+    rows += [conf(f"z{i}", "NG", 0.4) for i in range(10)]  # found downstream: selected
+    a = escape_audit(latest_confirmations(rows), drawn=55)
+    assert (a.drawn, a.checked, a.escaped) == (55, 40, 2)
+    assert a.rate is not None and a.rate.value == pytest.approx(0.05)
+    assert a.rate.low is not None and a.rate.high is not None
+    assert 0.005 < a.rate.low < 0.05 < a.rate.high < 0.2
+    assert a.rate.kind == "interval" and a.rate.n == 40
+    none = escape_audit(latest_confirmations(rows[-10:]), drawn=0)
+    assert none.rate is None and none.checked == 0
+
+
+def test_audit_draw_is_a_uniform_share_independent_of_the_verdict():
+    """Share 0 never draws; share 0.1 draws ~10% of ids; the same id and salt always draw
+    the same way; another device's salt draws other ids."""
+    ids = [f"{i:032x}" for i in range(20000)]
+    assert not any(audit_draw(0.0, "s", m) for m in ids)
+    drawn = [m for m in ids if audit_draw(0.1, "s", m)]
+    assert 0.09 < len(drawn) / len(ids) < 0.11
+    assert drawn == [m for m in ids if audit_draw(0.1, "s", m)]
+    other = {m for m in ids if audit_draw(0.1, "t", m)}
+    assert len(other & set(drawn)) < 0.2 * len(drawn)
+    assert all(audit_draw(1.0, "s", m) for m in ids[:100])
+
+
+def verdict(msg_id: str, sha: str, label: str, score: float, at: float, audit: bool) -> Verdict:
+    return Verdict(
+        msg_id=msg_id,
+        camera="cam",
+        path=f"{msg_id}.png",
+        size=1,
+        mtime_ns=1,
+        sha256=sha,
+        verdict=label,  # type: ignore[arg-type]
+        reason=None,
+        score=score,
+        threshold=0.5,
+        threshold_version=1,
+        model_sha256=SHA,
+        detected_at=at,
+        decided_at=at,
+        audit=audit,
+    )
+
+
+def test_store_keeps_audit_flags_and_the_verdict_stream(tmp_path):
+    """The verdict's audit flag is stored and in its payload; a confirmation of an audited
+    verdict is recorded as audited; recent_scores returns the newest scored verdicts of
+    this model only."""
+    store = Store(tmp_path)
+    vs = [
+        verdict("m1", "s1", "OK", 0.1, 1.0, True),
+        verdict("m2", "s2", "OK", 0.2, 2.0, False),
+        verdict("m3", "s3", "NG", 0.9, 3.0, False),
+    ]
+    store.record_verdicts([(v, Outbound("t", v.payload(), v.msg_id)) for v in vs])
+    assert json.loads(vs[0].payload())["audit"] is True
+    assert json.loads(vs[1].payload())["audit"] is False
+    assert store.audited_count(SHA) == 1 and store.audited_count("other") == 0
+    with store.tx() as c:
+        add_confirmation(c, "r1", msg_id="m1", sha256="s1", label="NG", score=0.1, operator="o")
+        add_confirmation(c, "r2", msg_id="m3", sha256="s3", label="OK", score=0.9, operator="o")
+        add_confirmation(c, "r3", msg_id=None, sha256="s9", label="NG", score=2.0, operator="o")
+    audited = {r["request_id"]: r["audited"] for r in store.confirmations()}
+    assert audited == {"r1": 1, "r2": 0, "r3": 0}
+    assert store.recent_scores(SHA, 2) == [("s3", 0.9), ("s2", 0.2)]
+    assert store.recent_scores("other", 10) == []
+    store.close()
+
+
+def test_a_database_of_the_previous_release_gains_the_audit_columns(tmp_path):
+    """A state.db without the audit columns is upgraded at open; its rows read audit 0."""
+    db = tmp_path / "state.db"
+    c = sqlite3.connect(db)
+    c.executescript(
+        f"""CREATE TABLE verdicts (
+    msg_id TEXT PRIMARY KEY, camera TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT,
+    score REAL, threshold REAL, threshold_version INTEGER, model_sha256 TEXT NOT NULL,
+    detected_at REAL NOT NULL, decided_at REAL NOT NULL);
+CREATE TABLE confirmations (
+    request_id TEXT PRIMARY KEY, msg_id TEXT, sha256 TEXT NOT NULL, label TEXT NOT NULL,
+    score REAL NOT NULL, operator TEXT NOT NULL, at REAL NOT NULL);
+INSERT INTO verdicts VALUES ('old','cam','p',1,1,'s','OK',NULL,0.1,0.5,1,'{SHA}',1.0,1.0);
+"""
+    )
+    c.close()
+    store = Store(tmp_path)
+    assert store.verdict_by_msg_id("old")["audit"] == 0  # type: ignore[index]
+    v = verdict("new", "s2", "OK", 0.2, 2.0, True)
+    store.record_verdicts([(v, Outbound("t", v.payload(), v.msg_id))])
+    assert store.audited_count(SHA) == 1
+    store.close()
+
+
+def test_device_recalibration_equals_offline_calibrate_on_the_same_evidence(tmp_path, caplog):
+    """After k confirmed NG the ThresholdKeeper (bundle score sets incl. synthetic NG +
+    confirmations from the Store) applies exactly the threshold `ngcal calibrate --model
+    BUNDLE --real-ng DIR` writes offline on the same evidence, for k = 1, 3 and 5; the
+    change is logged at INFO, not WARNING."""
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", threshold=0.5, n_normal=200)
+    rng = np.random.default_rng(3)
+    glass = sset("glass_image", rng.uniform(0.6, 1.2, 60).tolist())
+    save_scoreset(bundle_dir / "scores" / "glass_image.json", glass)  # shipped evidence
+    real = rng.uniform(0.5, 1.1, 5)
+    for k in (1, 3, 5):
+        state = tmp_path / f"state{k}"
+        store = Store(state)
+        cfg = RecalibrationConfig(min_real_ng=k, max_step=1e6, hysteresis=0.0, stream_window=0)
+        keeper = ThresholdKeeper(store, state, open_bundle(bundle_dir), cfg, Topics("n", "d"))
+        with store.tx() as c:
+            for i in range(k):
+                add_confirmation(
+                    c, f"r{i}", msg_id=None, sha256=f"img{i}", label="NG",
+                    score=float(real[i]), operator="op",
+                )  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="ngcal.daemon.recalibration"):
+            d = keeper.recalibrate(actor="test")
+        assert d.applied, d.reason
+        offline_dir = tmp_path / f"real{k}"
+        offline_dir.mkdir()
+        save_scoreset(
+            offline_dir / "real_ng.json",
+            ScoreSet(
+                source="real_ng",
+                scores=real[:k].copy(),
+                item_ids=tuple(f"img{i}" for i in range(k)),
+                model_sha256=SHA,
+            ),
+        )
+        out = tmp_path / f"t{k}.json"
+        assert (
+            ngcal_main(
+                ["calibrate", "--model", str(bundle_dir), "--real-ng", str(offline_dir),
+                 "--out", str(out)]
+            )
+            == 0
+        )  # fmt: skip
+        offline = load_thresholds(out)
+        assert keeper.current.value == offline.value
+        assert keeper.current.evidence == offline.evidence
+        assert offline.evidence["real_ng"] == k and offline.evidence["glass_image"] == 60
+        store.close()
+    changes = [r for r in caplog.records if "threshold recalibrate" in r.getMessage()]
+    assert len(changes) == 3 and all(r.levelno == logging.INFO for r in changes)
+
+
+def test_the_keeper_draws_with_one_salt_per_device(tmp_path: Path):
+    """audit_share 1 draws everything; the device's salt is made once and kept across
+    starts, and the keeper's draws are exactly ``audit_draw`` with that salt."""
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", threshold=0.5)
+    store = Store(tmp_path / "state")
+    on = ThresholdKeeper(
+        store,
+        tmp_path / "state",
+        open_bundle(bundle_dir),
+        RecalibrationConfig(audit_share=1.0),
+        Topics("n", "d"),
+    )
+    assert on.audit_draw("any") is True
+    salt = store.get_meta("audit_salt")
+    again = ThresholdKeeper(
+        store,
+        tmp_path / "state",
+        open_bundle(bundle_dir),
+        RecalibrationConfig(audit_share=0.5),
+        Topics("n", "d"),
+    )
+    assert store.get_meta("audit_salt") == salt  # one salt per device, kept across starts
+    ids = [f"{i:032x}" for i in range(400)]
+    assert [again.audit_draw(m) for m in ids] == [audit_draw(0.5, salt, m) for m in ids]
+    store.close()
+
+
+@pytest.mark.mqtt
+def test_audited_verdicts_and_their_checks_over_a_real_broker(
+    tmp_path, broker, daemon_process, tiny_bundle
+):
+    """audit_share 1: the OK verdict says audit true, the NG verdict audit false; the
+    operator's check of the audited part (an escape) is recorded as audited and the
+    recalibration event publishes the escape tally and the verdict stream it used."""
+    from daemon_kit import Subscriber, daemon_config, write_image
+
+    extra = "recalibration:\n  audit_share: 1.0\n  min_real_ng: 1\n"
+    cfg = daemon_config(tmp_path, tiny_bundle, broker.port, extra=extra)
+    sub = Subscriber(broker.port, ("ngcal/#",), client_id="operator").start()
+    d = daemon_process(cfg)
+    d.start()
+    watch = tmp_path / "watch" / "cam1"
+    write_image(watch / "ok.png", 128)
+    write_image(watch / "ng.png", 0)
+    sub.wait(lambda: len(sub.json_on("cam1/verdict")) == 2, 30, "two verdicts")
+    by = {v["image"]: v for v in sub.json_on("cam1/verdict")}
+    assert (by["ok.png"]["verdict"], by["ok.png"]["audit"]) == ("OK", True)
+    assert (by["ng.png"]["verdict"], by["ng.png"]["audit"]) == ("NG", False)
+    sub.publish(
+        "ngcal/dev1/cmd/confirm",
+        {"request_id": "c1", "msg_id": by["ok.png"]["msg_id"], "label": "NG", "operator": "qa"},
+    )
+    sub.publish("ngcal/dev1/cmd/recalibrate", {"request_id": "r1", "dry_run": True})
+    sub.wait(lambda: len(sub.json_on("/recalibration")) == 1, 30, "the recalibration event")
+    ev = sub.json_on("/recalibration")[0]["audit"]["device_evidence"]
+    assert ev["escape_audit"]["drawn"] == 1
+    assert (ev["escape_audit"]["checked"], ev["escape_audit"]["escaped"]) == (1, 1)
+    assert ev["counts"]["real_ng"] == 1 and ev["stream"]["n"] == 1  # ng.png, unlabelled
+    con = sqlite3.connect(tmp_path / "state" / "state.db")
+    assert con.execute("SELECT audited FROM confirmations").fetchall() == [(1,)]
+    con.close()
