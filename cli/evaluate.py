@@ -56,9 +56,9 @@ def _score_bundle(
     scorer = open_scorer(bundle, backend=args.backend, threads=args.threads)
     try:
         spec = scorer.preprocessing
-        s = spec.image_size
+        h, w = spec.hw
         scores = np.full(len(paths), np.nan)
-        maps = np.full((len(paths), s, s), np.nan, np.float32) if with_maps else None
+        maps = np.full((len(paths), h, w), np.nan, np.float32) if with_maps else None
         errors: list[tuple[str, str]] = []
         step = max(1, min(args.batch_size, scorer.max_batch))
         for start in range(0, len(paths), step):

@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--image-size", type=int, default=None, help="square input side in pixels (default 256)"
     )
     p.add_argument(
+        "--aspect",
+        choices=["square", "keep"],
+        default="square",
+        help="input shape: square, or keep the training images' median aspect ratio "
+        "(long side --image-size, sides multiples of 32)",
+    )
+    p.add_argument(
         "--coreset-ratio",
         type=float,
         default=0.01,
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from ngcal.core.dataset import is_mvtec_category, list_images, load_category
     from ngcal.core.errors import ConfigError
     from ngcal.patchcore.fitting import FitConfig, fit
+    from ngcal.patchcore.geometry import keep_aspect_hw, median_aspect
     from ngcal.patchcore.selection import Evidence, format_table
 
     torch.set_num_threads(max(1, args.threads))
@@ -131,11 +139,16 @@ def run(args: argparse.Namespace) -> int:
     image_score = args.image_score or "topk_mean"
     if args.auto or (args.image_score is None and args.image_size is None):
         image_score = "auto"
+    size = args.image_size or 256
+    input_hw = None
+    if args.aspect == "keep":
+        input_hw = keep_aspect_hw(size, median_aspect(paths))
     cfg = FitConfig(
         backbone=args.backbone,
         weights=args.weights,
         allow_download=args.allow_download,
-        image_size=args.image_size or 256,
+        image_size=size,
+        input_hw=input_hw,
         coreset_ratio=args.coreset_ratio,
         coreset_proj_dim=args.coreset_dim or None,
         projection_dim=args.projection_dim or None,
@@ -164,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 "memory_bank": [spec.coreset_size, spec.feature_dim],
                 "image_score": spec.image_score,
                 "image_score_k": spec.image_score_k,
+                "input_hw": list(result.manifest.preprocessing.hw),
                 **{k: round(v, 2) for k, v in result.timings.items()},
             }
         )

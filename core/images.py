@@ -78,11 +78,15 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def resize_rgb(rgb: np.ndarray, size: int, resample: str = "bicubic") -> np.ndarray:
-    """Resize uint8 RGB [H, W, 3] to [size, size, 3] with PIL (the reference resampler)."""
+def resize_rgb(
+    rgb: np.ndarray, size: int | tuple[int, int], resample: str = "bicubic"
+) -> np.ndarray:
+    """Resize uint8 RGB [H, W, 3] to [size, size, 3] (or [h, w, 3] for ``size`` = (h, w))
+    with PIL (the reference resampler)."""
+    h, w = (size, size) if isinstance(size, int) else size
     im = Image.fromarray(rgb, mode="RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), _RESAMPLE[resample])
+    if im.size != (w, h):
+        im = im.resize((w, h), _RESAMPLE[resample])
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -95,8 +99,9 @@ def normalize(rgb: np.ndarray, spec: Preprocessing) -> np.ndarray:
 
 
 def preprocess(rgb: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """uint8 RGB of any size -> float32 [3, S, S] model input as ``spec`` defines it."""
-    return normalize(resize_rgb(rgb, spec.image_size, spec.resample), spec)
+    """uint8 RGB of any size -> float32 [3, H, W] model input as ``spec`` defines it
+    ((H, W) = ``spec.hw``)."""
+    return normalize(resize_rgb(rgb, spec.hw, spec.resample), spec)
 
 
 def load_and_preprocess(

@@ -53,7 +53,7 @@ def _import_ort() -> Any:
 def provider_chain(
     backend: str,
     *,
-    image_size: int,
+    image_size: int | tuple[int, int],
     max_batch: int,
     precision: str,
     cache_dir: Path | None,
@@ -68,7 +68,7 @@ def provider_chain(
     if backend == "ort-tensorrt":
         if cache_dir is None:
             raise BackendError("ort-tensorrt needs a cache_dir for its engine and timing caches")
-        s = image_size
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         chain.append(
             (
                 "TensorrtExecutionProvider",
@@ -79,9 +79,9 @@ def provider_chain(
                     "trt_timing_cache_path": str(cache_dir),
                     "trt_fp16_enable": "True" if precision == "fp16" else "False",
                     "trt_max_workspace_size": str(workspace_bytes),
-                    "trt_profile_min_shapes": f"{INPUT_NAME}:1x3x{s}x{s}",
-                    "trt_profile_opt_shapes": f"{INPUT_NAME}:1x3x{s}x{s}",
-                    "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x3x{s}x{s}",
+                    "trt_profile_min_shapes": f"{INPUT_NAME}:1x3x{h}x{w}",
+                    "trt_profile_opt_shapes": f"{INPUT_NAME}:1x3x{h}x{w}",
+                    "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x3x{h}x{w}",
                 },
             )
         )
@@ -125,7 +125,7 @@ class OrtScorer:
             cache.mkdir(parents=True, exist_ok=True)
         chain = provider_chain(
             backend,
-            image_size=preprocessing.image_size,
+            image_size=preprocessing.hw,
             max_batch=self._max_batch,
             precision=precision,
             cache_dir=cache,
@@ -157,7 +157,7 @@ class OrtScorer:
             )
         self._check_io(onnx_path)
         self._name = f"onnxruntime:{wanted}"
-        probe(self._name, self._run, preprocessing.image_size)
+        probe(self._name, self._run, preprocessing.hw)
         log.info("%s ready (%d thread(s), max batch %d)", self._name, threads, self._max_batch)
 
     def _check_io(self, onnx_path: str | os.PathLike[str]) -> None:
@@ -193,7 +193,7 @@ class OrtScorer:
 
     def score(self, batch: np.ndarray) -> ScoreResult:
         """Score float32 [N, 3, S, S] -> image scores [N] and anomaly maps [N, S, S]."""
-        batch = check_batch(batch, self._pre.image_size)
+        batch = check_batch(batch, self._pre.hw)
         return score_in_chunks(batch, self._max_batch, self._run)
 
     def close(self) -> None:
@@ -201,14 +201,15 @@ class OrtScorer:
         self._sess = None
 
 
-def check_batch(batch: np.ndarray, image_size: int) -> np.ndarray:
-    """Validate a preprocessed batch: float32 [N, 3, S, S], N >= 1; C-contiguous copy if needed."""
+def check_batch(batch: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarray:
+    """Validate a preprocessed batch: float32 [N, 3, H, W] (``image_size`` = (H, W), or S
+    for a square S x S), N >= 1; C-contiguous copy if needed."""
     arr = np.asarray(batch)
     if arr.ndim == 3:
         arr = arr[None]
-    s = image_size
-    if arr.ndim != 4 or arr.shape[1:] != (3, s, s) or arr.shape[0] < 1:
-        raise DataError(f"batch has shape {tuple(arr.shape)}; expected (N, 3, {s}, {s})")
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if arr.ndim != 4 or arr.shape[1:] != (3, h, w) or arr.shape[0] < 1:
+        raise DataError(f"batch has shape {tuple(arr.shape)}; expected (N, 3, {h}, {w})")
     if arr.dtype != np.float32:
         raise DataError(f"batch has dtype {arr.dtype}; expected float32 (see ngcal.core.images)")
     return np.ascontiguousarray(arr)

@@ -117,9 +117,9 @@ def score_files(
     Unreadable files get NaN and an entry in ``errors``; this never raises ImageError.
     """
     spec = scorer.preprocessing
-    n, s = len(paths), spec.image_size
+    n, (h, w) = len(paths), spec.hw
     scores = np.full(n, np.nan, dtype=np.float64)
-    maps = np.full((n, s, s), np.nan, dtype=np.float32) if with_maps else None
+    maps = np.full((n, h, w), np.nan, dtype=np.float32) if with_maps else None
     errors: list[tuple[str, str]] = []
     step = max(1, min(batch_size, scorer.max_batch))
     for start in range(0, n, step):

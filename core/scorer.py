@@ -1,7 +1,7 @@
 """The scoring seam: one ``Scorer`` protocol that every runtime implements (torch-free).
 
-A scorer takes preprocessed float32 batches [N, 3, S, S] (see ``ngcal.core.images``) and
-returns image scores [N] and, where the runtime produces them, anomaly maps [N, S, S].
+A scorer takes preprocessed float32 batches [N, 3, H, W] (see ``ngcal.core.images``) and
+returns image scores [N] and, where the runtime produces them, anomaly maps [N, H, W].
 Backends (onnxruntime, TensorRT) live in their own modules and import their runtime
 lazily; the daemon and benchmarks depend only on this protocol.
 """
@@ -71,13 +71,16 @@ def score_in_chunks(
     )
 
 
-def probe(name: str, run: Callable[[np.ndarray], ScoreResult], image_size: int) -> None:
+def probe(
+    name: str, run: Callable[[np.ndarray], ScoreResult], image_size: int | tuple[int, int]
+) -> None:
     """Start-up check of a backend: ``run`` one batch of zeros and demand one finite image
     score and, where maps come back, one map of the input size; BackendError naming
-    ``name`` otherwise (a runtime that lists a device is not one that works on it)."""
-    s = image_size
+    ``name`` otherwise (a runtime that lists a device is not one that works on it).
+    ``image_size``: the side of a square input, or its (height, width)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     try:
-        res = run(np.zeros((1, 3, s, s), dtype=np.float32))
+        res = run(np.zeros((1, 3, h, w), dtype=np.float32))
     except BackendError:
         raise
     except Exception as e:  # runtimes raise their own untyped errors
@@ -87,7 +90,7 @@ def probe(name: str, run: Callable[[np.ndarray], ScoreResult], image_size: int) 
             f"{name}: probe inference gave image_score {res.image_scores!r}; "
             "expected one finite value"
         )
-    if res.anomaly_maps is not None and res.anomaly_maps.shape != (1, s, s):
+    if res.anomaly_maps is not None and res.anomaly_maps.shape != (1, h, w):
         raise BackendError(
-            f"{name}: probe anomaly_map has shape {res.anomaly_maps.shape}, expected (1, {s}, {s})"
+            f"{name}: probe anomaly_map has shape {res.anomaly_maps.shape}, expected (1, {h}, {w})"
         )

@@ -207,7 +207,7 @@ class TrtScorer:
         self._key = key
         self._max_batch = max_batch
         self._name = f"tensorrt:{key.gpu_name}:{key.precision}"
-        probe(self._name, self.score, preprocessing.image_size)
+        probe(self._name, self.score, preprocessing.hw)
 
     @property
     def name(self) -> str:
@@ -231,7 +231,7 @@ class TrtScorer:
 
     def score(self, batch: np.ndarray) -> ScoreResult:
         """Score float32 [N,3,S,S]; batches above ``max_batch`` are split."""
-        batch = check_batch(batch, self._pre.image_size)
+        batch = check_batch(batch, self._pre.hw)
         return score_in_chunks(batch, self._max_batch, self._run)
 
     def _run(self, batch: np.ndarray) -> ScoreResult:

@@ -56,9 +56,8 @@ Exporter = Literal["legacy", "dynamo"]
 
 def feature_grid(pc: PatchCore) -> tuple[int, int]:
     """Patch grid (h, w) the embedder produces at the model's input size."""
-    s = pc.image_size
     with torch.inference_mode():
-        feats = pc.embed(torch.zeros(1, 3, s, s))
+        feats = pc.embed(torch.zeros(1, 3, *pc.image_hw))
     return int(feats.shape[1]), int(feats.shape[2])
 
 
@@ -86,7 +85,9 @@ class StaticSamePadConv(nn.Module):
         return F.conv2d(F.pad(x, self.pads), w, b, c.stride, 0, c.dilation, c.groups)
 
 
-def static_same_padding(embedder: PatchEmbedder, image_size: int) -> PatchEmbedder:
+def static_same_padding(
+    embedder: PatchEmbedder, image_size: int | tuple[int, int]
+) -> PatchEmbedder:
     """The embedder with each timm ``Conv2dSame`` replaced by a ``StaticSamePadConv`` for
     ``image_size`` inputs (a copy; ``embedder`` itself is left as is). Without such layers
     (ResNets) it is returned unchanged."""
@@ -104,7 +105,8 @@ def static_same_padding(embedder: PatchEmbedder, image_size: int) -> PatchEmbedd
     ]
     try:
         with torch.inference_mode():
-            embedder(torch.zeros(1, 3, image_size, image_size))
+            hw = (image_size, image_size) if isinstance(image_size, int) else image_size
+            embedder(torch.zeros(1, 3, *hw))
     finally:
         for h in hooks:
             h.remove()
@@ -140,7 +142,7 @@ def map_operators(pc: PatchCore, grid: tuple[int, int]) -> tuple[torch.Tensor, t
 
 
 class ExportPatchCore(nn.Module):
-    """Export view of a PatchCore: image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
+    """Export view of a PatchCore: image [N,3,H,W] -> (anomaly_map [N,H,W], image_score [N])."""
 
     bank_blocks: torch.Tensor
     map_rows: torch.Tensor
@@ -157,9 +159,9 @@ class ExportPatchCore(nn.Module):
         super().__init__()
         self.pc = pc
         # the graph's input size is fixed: TF-"same" padding becomes constant, and foldable
-        self.embedder = static_same_padding(pc.embedder, pc.image_size)
+        self.embedder = static_same_padding(pc.embedder, pc.image_hw)
         with torch.inference_mode():
-            levels = pc.embedder.levels(torch.zeros(1, 3, pc.image_size, pc.image_size))
+            levels = pc.embedder.levels(torch.zeros(1, 3, *pc.image_hw))
         #: (D_l, h_l, w_l) of each feature level, finest (the patch grid) first
         self.level_shapes = [
             (int(lv.shape[1]), int(lv.shape[2]), int(lv.shape[3])) for lv in levels
@@ -209,7 +211,7 @@ class ExportPatchCore(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N])."""
+        """image [N,3,H,W] -> (anomaly_map [N,H,W], image_score [N])."""
         levels = self.embedder.levels(x)
         feats = self.embedder.combine(levels)
         n, h, w, d = feats.shape
@@ -242,8 +244,7 @@ def export_onnx(
     import onnx
 
     module = ExportPatchCore(pc, fast_map=fast_map).eval()
-    s = pc.image_size
-    example = torch.zeros(2, 3, s, s)
+    example = torch.zeros(2, 3, *pc.image_hw)
     out = Path(out)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter announces its deprecation; we chose it knowingly (above)

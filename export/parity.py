@@ -48,14 +48,15 @@ def parity_inputs(
     spec: Preprocessing, images: Sequence[str | os.PathLike[str]] = (), *, seed: int = 0
 ) -> np.ndarray:
     """float32 [N, 3, S, S]: zeros, two noise images, a gradient, then ``images`` (max 4)."""
-    s = spec.image_size
+    h, w = spec.hw
     rng = np.random.default_rng(seed)
-    ramp = np.linspace(-1.0, 1.0, s, dtype=np.float32)
+    ry = np.linspace(-1.0, 1.0, h, dtype=np.float32)
+    rx = np.linspace(-1.0, 1.0, w, dtype=np.float32)
     synth = [
-        np.zeros((3, s, s), np.float32),
-        rng.normal(0.0, 0.5, (3, s, s)).astype(np.float32),
-        rng.uniform(-1.0, 1.0, (3, s, s)).astype(np.float32),
-        np.broadcast_to(ramp[None, :, None] * ramp[None, None, :], (3, s, s)).astype(np.float32),
+        np.zeros((3, h, w), np.float32),
+        rng.normal(0.0, 0.5, (3, h, w)).astype(np.float32),
+        rng.uniform(-1.0, 1.0, (3, h, w)).astype(np.float32),
+        np.broadcast_to(ry[None, :, None] * rx[None, None, :], (3, h, w)).astype(np.float32),
     ]
     real = [load_and_preprocess(p, spec) for p in list(images)[:4]]
     return np.stack(synth + real).astype(np.float32)

@@ -58,6 +58,9 @@ class FitConfig:
     weights: str | None = None
     allow_download: bool = False
     image_size: int = 256
+    #: input (height, width) when not square (``geometry.keep_aspect_hw``); overrides
+    #: ``image_size``
+    input_hw: tuple[int, int] | None = None
     coreset_ratio: float = 0.01
     coreset_proj_dim: int | None = 32
     projection_dim: int | None = None
@@ -198,6 +201,8 @@ def fit(
     if n < 2:
         raise DataError(f"{n} training image(s): PatchCore needs at least 2 (leave-one-out)")
     pre = default_preprocessing(cfg.backbone, cfg.image_size)
+    if cfg.input_hw is not None:
+        pre = pre.model_copy(update={"image_size": max(cfg.input_hw), "input_hw": cfg.input_hw})
     bb = load_backbone(cfg.backbone, weights=cfg.weights, allow_download=cfg.allow_download)
     raw_dim = sum(bb.channels)
     projection = None
@@ -322,7 +327,7 @@ def fit(
             folds,
             fold_of,
             item_ids,
-            {"image_score": rule.label, "image_size": cfg.image_size, "cv_folds": folds},
+            {"image_score": rule.label, "image_size": pre.image_size, "cv_folds": folds},
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -373,7 +378,8 @@ def _patchcore(
     return PatchCore(
         embedder,
         bank,
-        image_size=cfg.image_size,
+        image_size=max(cfg.input_hw) if cfg.input_hw else cfg.image_size,
+        image_hw=cfg.input_hw,
         image_score=rule.name,
         topk=rule.k,
         reweight_neighbors=cfg.reweight_neighbors,

@@ -59,7 +59,7 @@ class LoadedModel:
 @dataclass(frozen=True)
 class ScoredImages:
     """Scores aligned with the input paths: ``scores`` float64 [N] (NaN where unreadable),
-    ``maps`` float32 [N, S, S] or None, ``errors`` list of (path, reason) for unreadable files.
+    ``maps`` float32 [N, H, W] or None, ``errors`` list of (path, reason) for unreadable files.
     """
 
     scores: np.ndarray
@@ -127,6 +127,7 @@ def load_model(model_dir: str | os.PathLike[str], *, device: str = "cpu") -> Loa
         embedder,
         bank,
         image_size=manifest.preprocessing.image_size,
+        image_hw=manifest.preprocessing.hw,
         image_score=spec.image_score,
         topk=spec.image_score_k,
         reweight_neighbors=spec.reweight_neighbors,
@@ -139,7 +140,7 @@ def load_model(model_dir: str | os.PathLike[str], *, device: str = "cpu") -> Loa
 def load_batch(
     paths: Sequence[str | os.PathLike[str]], spec: Preprocessing
 ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Decode and preprocess images: (float32 [n_ok, 3, S, S], indices of ok paths, errors)."""
+    """Decode and preprocess images: (float32 [n_ok, 3, H, W], indices of ok paths, errors)."""
     arrays: list[np.ndarray] = []
     ok: list[int] = []
     errors: list[tuple[str, str]] = []
@@ -150,8 +151,8 @@ def load_batch(
         except ImageError as e:
             log.warning("skipping unreadable image %s: %s", e.path, e.reason)
             errors.append((str(p), e.reason))
-    s = spec.image_size
-    batch = np.stack(arrays) if arrays else np.zeros((0, 3, s, s), np.float32)
+    h, w = spec.hw
+    batch = np.stack(arrays) if arrays else np.zeros((0, 3, h, w), np.float32)
     return batch, ok, errors
 
 
@@ -165,9 +166,9 @@ def score_paths(
 ) -> ScoredImages:
     """Score image files; unreadable ones get NaN and an entry in ``errors`` (never raise)."""
     n = len(paths)
-    s = loaded.preprocessing.image_size
+    h, w = loaded.preprocessing.hw
     scores = np.full(n, np.nan, dtype=np.float64)
-    maps = np.full((n, s, s), np.nan, dtype=np.float32) if with_maps else None
+    maps = np.full((n, h, w), np.nan, dtype=np.float32) if with_maps else None
     errors: list[tuple[str, str]] = []
     device = next(loaded.module.buffers()).device
     bar = _bar(n, progress, "score")

@@ -39,7 +39,7 @@ __all__ = ["IMAGE_SCORE_RULES", "PatchCore", "PatchEmbedder", "gaussian_kernel1d
 
 
 class PatchEmbedder(nn.Module):
-    """Backbone + local aggregation + concatenation (+ projection): [N,3,S,S] -> [N,h,w,D]."""
+    """Backbone + local aggregation + concatenation (+ projection): [N,3,H,W] -> [N,h,w,D]."""
 
     projection: torch.Tensor
 
@@ -98,7 +98,7 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 
 class PatchCore(nn.Module):
-    """PatchCore detector: ``forward(x [N,3,S,S]) -> (anomaly_map [N,S,S], image_score [N])``."""
+    """PatchCore detector: ``forward(x [N,3,H,W]) -> (anomaly_map [N,H,W], image_score [N])``."""
 
     memory_bank: torch.Tensor
     bank_sq: torch.Tensor
@@ -113,6 +113,7 @@ class PatchCore(nn.Module):
         memory_bank: torch.Tensor,
         *,
         image_size: int,
+        image_hw: tuple[int, int] | None = None,
         image_score: str = "topk_mean",
         topk: int = 10,
         reweight_neighbors: int = 9,
@@ -122,6 +123,10 @@ class PatchCore(nn.Module):
         super().__init__()
         self.embedder = embedder
         self.image_size = int(image_size)
+        #: input (height, width): ``image_size`` square unless given
+        self.image_hw = (
+            (int(image_hw[0]), int(image_hw[1])) if image_hw else (self.image_size, self.image_size)
+        )
         self.rule = ImageRule(image_score, int(topk))
         self.reweight_neighbors = int(reweight_neighbors)
         self.smoothing_sigma = float(smoothing_sigma)
@@ -151,6 +156,7 @@ class PatchCore(nn.Module):
                 self.embedder,
                 bank,
                 image_size=self.image_size,
+                image_hw=self.image_hw,
                 image_score=self.image_score,
                 topk=self.topk,
                 reweight_neighbors=self.reweight_neighbors,
@@ -162,7 +168,7 @@ class PatchCore(nn.Module):
         )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Locally aware, projected patch features: [N,3,S,S] -> [N,h,w,D]."""
+        """Locally aware, projected patch features: [N,3,H,W] -> [N,h,w,D]."""
         feats: torch.Tensor = self.embedder(x)
         return feats
 
@@ -207,12 +213,10 @@ class PatchCore(nn.Module):
         return self.memory_bank.index_select(0, nb.reshape(-1)).reshape(-1, nb.shape[1], d)
 
     def anomaly_map(self, dist: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Patch distances [N, h*w] -> smoothed map [N, S, S] at the input resolution."""
+        """Patch distances [N, h*w] -> smoothed map [N, H, W] at the input resolution."""
         n = dist.shape[0]
         m = dist.reshape(n, 1, grid[0], grid[1])
-        m = F.interpolate(
-            m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-        )
+        m = F.interpolate(m, size=self.image_hw, mode="bilinear", align_corners=False)
         if self.smoothing_sigma > 0:
             k = self.gauss.numel()
             r = k // 2
@@ -222,7 +226,7 @@ class PatchCore(nn.Module):
         return m[:, 0]
 
     def head(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anomaly_map [N, S, S], image_score [N]) from patch features [N, h, w, D]."""
+        """(anomaly_map [N, H, W], image_score [N]) from patch features [N, h, w, D]."""
         dist, idx = self.patch_scores(feats)
         score = self.image_scores(feats, dist, idx)
         amap = self.anomaly_map(dist, (feats.shape[1], feats.shape[2]))
@@ -242,7 +246,7 @@ class PatchCore(nn.Module):
         return 4 * factored <= 3 * direct
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x float32 [N,3,S,S] -> (anomaly_map [N,S,S], image_score [N]); the same values as
+        """x float32 [N,3,H,W] -> (anomaly_map [N,H,W], image_score [N]); the same values as
         ``head(embed(x))``, with the search factored per feature level where that is cheaper
         (``factored``: for Lite0 ~1.5x faster, same distances to fp32 rounding)."""
         levels = self.embedder.levels(x)
