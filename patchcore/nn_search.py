@@ -1,14 +1,15 @@
 """Exact nearest-neighbour search of patch features in a memory bank by chunked matmul.
 
-Squared distances are ``[1, q] @ [||b||^2; -2 b^T]`` (``gemm_operand``: the bank norms
-ride inside one GEMM per bank chunk), reduced to the minimum over the bank; the query's
-squared norm is added after the minimum (it is constant along the bank), clamped at 0, and
-only the minima get a square root. No ``cdist`` and no data-dependent control flow (the
-chunk loop depends only on the bank size), so the same functions run in torch eager, in
-fitting (leave-one-out via ``exclude``) and inside the ONNX trace (MatMul, ReduceMin,
-ArgMin, Resize at opset 17). ``nearest_distance_levels`` is the same search computed per
-feature level (fewer multiply-adds where the coarse levels are upsampled maps). Why exact
-search in a dense GEMM and not pruning, int8 or an index: ``docs/decisions/0001``.
+One rule: per bank chunk a block of ``||b||^2 - 2 q.b`` from one GEMM, its minimum over
+the bank, then ``||q||^2`` added (it is constant along the bank), clamped at 0, and a
+square root of the minima only. The block comes from ``[1, q] @ gemm_operand(bank)`` (the
+norms ride inside the GEMM: the model and the export) or, from a raw bank, a GEMM with
+the norms as bias (fitting's leave-one-out, which excludes other rows on every call). No
+``cdist`` and no data-dependent control flow (the chunk loop depends only on the bank
+size), so the same functions run in torch eager, in fitting and inside the ONNX trace.
+``nearest_distance_levels`` computes the same search per feature level (fewer
+multiply-adds where coarse levels are upsampled maps). Why exact search in a dense GEMM
+and not pruning, int8 or an index: ``docs/decisions/0001`` and ``0002``.
 """
 
 from __future__ import annotations
@@ -62,14 +63,38 @@ def _augmented(queries: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(queries[:, :1]), queries], dim=1)
 
 
-def _chunk_products(
-    queries: torch.Tensor, operand: torch.Tensor, chunk: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first bank row, ``||b||^2 - 2 q.b`` block [P, <= chunk]) per bank chunk."""
+#: Per bank chunk: (first bank row, ``||b||^2 - 2 q.b`` block [P, <= chunk]).
+Blocks = Iterator[tuple[int, torch.Tensor]]
+
+
+def _operand_blocks(queries: torch.Tensor, operand: torch.Tensor, chunk: int) -> Blocks:
+    """The blocks as ONE MatMul per chunk of ``[1, q]`` with ``gemm_operand`` columns."""
     qa = _augmented(queries)
     m = int(operand.shape[1])
     for start in range(0, m, chunk):
         yield start, torch.matmul(qa, operand[:, start : min(start + chunk, m)])
+
+
+def _bank_blocks(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None,
+    exclude: torch.Tensor | None,
+    chunk: int,
+) -> Blocks:
+    """The blocks from a raw bank [M, D], the norms as the GEMM's bias: no operand to build
+    per call (leave-one-out calls once per image, each with its own ``exclude``)."""
+    if bank_sq is None:
+        bank_sq = squared_norms(bank)
+    if exclude is not None:
+        bank_sq = bank_sq.masked_fill(exclude, float("inf"))  # excluded rows: infinitely far
+    m = int(bank.shape[0])
+    for start in range(0, m, chunk):
+        stop = min(start + chunk, m)
+        yield (
+            start,
+            torch.addmm(bank_sq[None, start:stop], queries, bank[start:stop].t(), alpha=-2.0),
+        )
 
 
 def _distance(partial_min: torch.Tensor, queries_sq: torch.Tensor) -> torch.Tensor:
@@ -82,24 +107,16 @@ def _min_over(mins: list[torch.Tensor]) -> torch.Tensor:
     return mins[0] if len(mins) == 1 else torch.stack(mins, dim=1).amin(dim=1)
 
 
-def nearest_distance_gemm(
-    queries: torch.Tensor, operand: torch.Tensor, *, chunk: int = DEFAULT_CHUNK
-) -> torch.Tensor:
-    """Distance [P] from each query [P, D] to its nearest column of ``operand``
-    (``gemm_operand(bank)``): ``amin`` per chunk, about half the cost of ``nearest_gemm``
-    (torch's ``min(dim)`` with indices is a much slower reduction than ``amin`` on CPU)."""
-    mins = [d2.amin(dim=1) for _, d2 in _chunk_products(queries, operand, chunk)]
-    return _distance(_min_over(mins), squared_norms(queries))
+def _nearest_distance(blocks: Blocks, queries: torch.Tensor) -> torch.Tensor:
+    """Distance [P] to the nearest bank row: ``amin`` per block, minimum over blocks."""
+    return _distance(_min_over([d2.amin(dim=1) for _, d2 in blocks]), squared_norms(queries))
 
 
-def nearest_gemm(
-    queries: torch.Tensor, operand: torch.Tensor, *, chunk: int = DEFAULT_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nearest_distance_gemm`` and the index of the nearest bank row: (distance float
-    [P], index int64 [P]); for the score rules that read the nearest row."""
+def _nearest(blocks: Blocks, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance [P], index int64 [P]) of the nearest bank row over the blocks."""
     mins: list[torch.Tensor] = []
     args: list[torch.Tensor] = []
-    for start, d2 in _chunk_products(queries, operand, chunk):
+    for start, d2 in blocks:
         v, i = d2.min(dim=1)
         mins.append(v)
         args.append(i + start)
@@ -111,15 +128,21 @@ def nearest_gemm(
     return _distance(best, squared_norms(queries)), idx
 
 
-def _excluding(
-    bank: torch.Tensor, bank_sq: torch.Tensor | None, exclude: torch.Tensor | None
+def nearest_distance_gemm(
+    queries: torch.Tensor, operand: torch.Tensor, *, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
-    """``gemm_operand(bank)`` with the ``exclude`` rows (bool [M]) infinitely far."""
-    if bank_sq is None:
-        bank_sq = squared_norms(bank)
-    if exclude is not None:
-        bank_sq = bank_sq.masked_fill(exclude, float("inf"))
-    return gemm_operand(bank, bank_sq)
+    """Distance [P] from each query [P, D] to its nearest column of ``operand``
+    (``gemm_operand(bank)``): about half the cost of ``nearest_gemm`` (torch's
+    ``min(dim)`` with indices is a much slower reduction than ``amin`` on CPU)."""
+    return _nearest_distance(_operand_blocks(queries, operand, chunk), queries)
+
+
+def nearest_gemm(
+    queries: torch.Tensor, operand: torch.Tensor, *, chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nearest_distance_gemm`` and the index of the nearest bank row: (distance float
+    [P], index int64 [P]); for the score rules that read the nearest row."""
+    return _nearest(_operand_blocks(queries, operand, chunk), queries)
 
 
 def nearest(
@@ -130,9 +153,9 @@ def nearest(
     chunk: int = DEFAULT_CHUNK,
     exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nearest_gemm`` over a bank [M, D] (``bank_sq`` [M]: its precomputed squared norms);
-    ``exclude`` optional bool [M]: rows never returned (leave-one-out)."""
-    return nearest_gemm(queries, _excluding(bank, bank_sq, exclude), chunk=chunk)
+    """``nearest_gemm`` over a raw bank [M, D] (``bank_sq`` [M]: its precomputed squared
+    norms); ``exclude`` optional bool [M]: rows never returned (leave-one-out)."""
+    return _nearest(_bank_blocks(queries, bank, bank_sq, exclude, chunk), queries)
 
 
 def nearest_distance(
@@ -143,8 +166,8 @@ def nearest_distance(
     chunk: int = DEFAULT_CHUNK,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``nearest_distance_gemm`` over a bank [M, D], with ``nearest``'s ``exclude``."""
-    return nearest_distance_gemm(queries, _excluding(bank, bank_sq, exclude), chunk=chunk)
+    """``nearest_distance_gemm`` over a raw bank [M, D], with ``nearest``'s ``exclude``."""
+    return _nearest_distance(_bank_blocks(queries, bank, bank_sq, exclude, chunk), queries)
 
 
 def factored_flops(grids: Sequence[tuple[int, int]], dims: Sequence[int]) -> tuple[int, int]:

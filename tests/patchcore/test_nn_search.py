@@ -15,6 +15,7 @@ from ngcal.patchcore.nn_search import (  # noqa: E402
     nearest_distance,
     nearest_distance_gemm,
     nearest_distance_levels,
+    nearest_gemm,
     squared_norms,
 )
 
@@ -50,6 +51,19 @@ def test_nearest_distance_equals_nearest(chunk: int) -> None:
         nearest_distance_gemm(bank[[3, 17]], gemm_operand(bank), chunk=chunk),
     ):
         assert torch.all(hits < 1e-2) and not torch.isnan(hits).any()
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1024])
+def test_operand_search_finds_the_same_rows_as_the_bank_search(chunk: int) -> None:
+    """The model's form (``gemm_operand``, norms inside the GEMM) and fitting's (raw bank,
+    norms as bias) give the same nearest rows and distances (1e-4), as cdist does."""
+    g = torch.Generator().manual_seed(6)
+    bank = torch.randn(300, 24, generator=g) * 3
+    q = torch.randn(100, 24, generator=g) * 3
+    d, i = nearest_gemm(q, gemm_operand(bank), chunk=chunk)
+    db, ib = nearest(q, bank, chunk=chunk)
+    assert torch.equal(i, ib) and torch.equal(i, nearest_cdist(q, bank)[1])
+    assert torch.allclose(d, db, atol=1e-4)
 
 
 def test_nearest_exact_hit_is_zero() -> None:
@@ -136,6 +150,22 @@ def test_level_search_matches_cdist_on_the_concatenated_features(
     assert torch.allclose(got[away], ref[away], atol=1e-4)
     assert torch.allclose(got[away], nearest_cdist(q, bank)[0][away], atol=1e-4)
     assert torch.all(got[~away] < 1e-2) and not torch.isnan(got).any()
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(61, 16), (64, 16), (61, 100)])
+def test_traceable_level_search_equals_the_eager_one(rows: int, chunk: int) -> None:
+    """The export's form (functional ops, integer Resize scales, last block cut to the bank's
+    real rows) returns the eager form's distances, padded last block or not."""
+    levels = [lv.permute(0, 2, 3, 1) for lv in _levels(2, [(5, 8, 8), (7, 4, 4)], seed=rows)]
+    feats = _concat([lv.permute(0, 3, 1, 2) for lv in levels])
+    q = feats.reshape(-1, feats.shape[-1])
+    g = torch.Generator().manual_seed(chunk)
+    bank = q[torch.randperm(q.shape[0], generator=g)[:rows]] + 0.5
+    blocks = gemm_blocks(gemm_operand(bank), chunk)
+    eager = nearest_distance_levels(levels, blocks, squared_norms(q))
+    traced = nearest_distance_levels(levels, blocks, squared_norms(q), rows=rows, traceable=True)
+    assert torch.allclose(traced, eager, atol=1e-5)
+    assert torch.allclose(traced, nearest_cdist(q, bank)[0], atol=1e-4)
 
 
 def test_factored_flops_counts_multiply_adds() -> None:
