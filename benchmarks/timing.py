@@ -231,13 +231,16 @@ def bundle_auroc(bundle: Path, data: Path, threads: int) -> float:
     return float(auroc(np.asarray(labels), np.asarray(scores)))
 
 
-def machine() -> dict[str, object]:
-    """The CPU, its core count and the load average at the end of the run (other
-    processes share these cores, so say how loaded it was)."""
-    name = "unknown"
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": name, "cpu_count": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())}
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine() -> dict[str, object]:
+    """The CPU, its core count and the load average at the end of the run (other
+    processes share these cores, so say how loaded it was)."""
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())}
