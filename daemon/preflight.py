@@ -136,10 +136,17 @@ def bundle_problems(cfg: DaemonConfig) -> list[str]:
     from ngcal.core.bundle import open_bundle
     from ngcal.core.runtime import open_scorer
 
+    from .recalibration import MANUAL_FLAG
+
     try:
         bundle = open_bundle(cfg.bundle)
     except NgcalError as e:
-        return [f"bundle: {_first_line(e)}"]
+        try:  # the override accepts only what the thresholds' digest check refused
+            bundle = open_bundle(cfg.bundle, allow_unsigned_thresholds=True)
+        except NgcalError as e2:
+            return [f"bundle: {_first_line(e2)}"]
+        if not cfg.recalibration.accept_manual_thresholds:
+            return [f"bundle: {_first_line(e)} (set {MANUAL_FLAG}: true to accept it)"]
     out: list[str] = []
     try:
         scorer = open_scorer(

@@ -35,11 +35,11 @@ import numpy as np
 
 from ngcal.calibration.ng import jeffreys_interval
 from ngcal.calibration.policy import Decision, PolicyConfig, PolicyState, recalibrate, rollback
-from ngcal.core.bundle import Bundle
-from ngcal.core.errors import ConfigError
+from ngcal.core.bundle import Bundle, open_bundle, recover_install
+from ngcal.core.errors import ArtifactError, ConfigError
 from ngcal.core.files import atomic_write_json
 from ngcal.core.scoresets import ScoreSet, Source
-from ngcal.core.thresholds import Interval, OperatingPoint, ThresholdFile
+from ngcal.core.thresholds import Interval, OperatingPoint, ThresholdFile, thresholds_json
 
 from .config import RecalibrationConfig
 from .messages import RECAL_SCHEMA, Outbound, Topics
@@ -212,8 +212,30 @@ def audit_draw(share: float, salt: str, msg_id: str) -> bool:
     return int.from_bytes(h[:8], "big") / 2.0**64 < share
 
 
+MANUAL_FLAG = "recalibration.accept_manual_thresholds"
+
+
+def open_with_thresholds(path: Path, cfg: RecalibrationConfig) -> tuple[Bundle, str | None]:
+    """Open the installed bundle; a thresholds.json ngcal did not write is refused in one
+    line, unless ``accept_manual_thresholds`` is set: then the bundle opens and the second
+    item says why the file is an operator override (None for a file ngcal wrote)."""
+    recover_install(path)
+    try:
+        return open_bundle(path), None
+    except ArtifactError as e:
+        bundle = open_bundle(path, allow_unsigned_thresholds=True)  # other faults raise here
+        if not cfg.accept_manual_thresholds:  # only the thresholds' provenance was refused
+            raise ArtifactError(f"{e} (set {MANUAL_FLAG}: true to accept it)") from e
+        return bundle, str(e)
+
+
 class ThresholdKeeper:
-    """Holds the current threshold; applies policy decisions atomically."""
+    """Holds the current threshold; applies policy decisions atomically.
+
+    ``manual_override`` (from :func:`open_with_thresholds`) marks the bundle's thresholds
+    as an operator's file: starting from it is audited, announced as a ``manual_override``
+    recalibration event and flagged in the retained threshold's notes.
+    """
 
     def __init__(
         self,
@@ -222,12 +244,15 @@ class ThresholdKeeper:
         bundle: Bundle,
         cfg: RecalibrationConfig,
         topics: Topics,
+        *,
+        manual_override: str | None = None,
     ) -> None:
         self.store = store
         self.state_dir = state_dir
         self.bundle = bundle
         self.cfg = cfg
         self.topics = topics
+        self.manual_override = manual_override
         self._lock = threading.Lock()  # serialises recalibrations, never held by readers
         self.state = self._load_state()
         salt = store.get_meta(AUDIT_SALT_KEY)
@@ -248,6 +273,13 @@ class ThresholdKeeper:
         if raw is not None:
             st = PolicyState.from_json(raw)
             if not st.current.model_sha256 or st.current.model_sha256 == model:
+                if self.manual_override is not None:
+                    log.warning(
+                        "bundle thresholds.json is an operator override (%s) but the state "
+                        "database already holds threshold v%d for this model: that one is used",
+                        self.manual_override,
+                        st.current.version,
+                    )
                 self._export(st)
                 return st
             log.warning(
@@ -261,21 +293,35 @@ class ThresholdKeeper:
                 f"{self.bundle.root}: bundle has no thresholds.json and the state database "
                 "holds none for this model; run `ngcal calibrate` and export again"
             )
-        st = PolicyState.initial(self.bundle.thresholds)
+        first = self.bundle.thresholds
+        if self.manual_override is not None:
+            notes = {**first.notes, "manual_override": self.manual_override}
+            first = first.model_copy(update={"notes": notes})
+        st = PolicyState.initial(first)
+        entry = {"version": first.version, "value": first.value, "model_sha256": model}
         with self.store.tx() as c:
             put_meta(c, STATE_KEY, st.to_json())
-            append_audit(
-                c,
-                "ngcal daemon",
-                "threshold_initial",
-                {"version": st.current.version, "value": st.current.value, "model_sha256": model},
+            if self.manual_override is None:
+                append_audit(c, "ngcal daemon", "threshold_initial", entry)
+            else:
+                entry["reason"] = self.manual_override
+                append_audit(c, "operator override", "threshold_manual_override", entry)
+                enqueue(c, manual_override_event(self.topics, first, self.manual_override))
+        if self.manual_override is not None:
+            log.warning(
+                "threshold v%d %.6g from a thresholds.json ngcal did not write, accepted by %s "
+                "(%s); audited and published",
+                first.version,
+                first.value,
+                MANUAL_FLAG,
+                self.manual_override,
             )
         self._export(st)
         return st
 
     def _export(self, st: PolicyState) -> None:
         """Atomic file copies of the state for operators (the database is authoritative)."""
-        cur = st.current.model_dump(mode="json", by_alias=True)
+        cur = thresholds_json(st.current)
         atomic_write_json(self.state_dir / "policy_state.json", st.to_json())
         atomic_write_json(self.state_dir / "thresholds" / f"v{st.current.version}.json", cur)
         atomic_write_json(self.state_dir / "thresholds.json", cur)
@@ -372,6 +418,23 @@ def recalibration_event(topics: Topics, d: Decision, kind: str) -> Outbound:
     payload = json.dumps(body, separators=(",", ":"), default=str).encode()
     mid = hashlib.sha256(payload).hexdigest()[:32]
     return Outbound(topics.recalibration, payload, mid)
+
+
+def manual_override_event(topics: Topics, t: ThresholdFile, reason: str) -> Outbound:
+    """The ``recalibration`` event announcing a threshold taken from an operator's file."""
+    dumped = t.model_dump(mode="json", by_alias=True)
+    body = {
+        "schema": RECAL_SCHEMA,
+        "action": "manual_override",
+        "applied": True,
+        "reason": f"thresholds.json not written by ngcal, accepted by {MANUAL_FLAG}: {reason}",
+        "old": None,
+        "proposed": dumped,
+        "new": dumped,
+        "audit": {"actor": "operator override", "outcome": "applied"},
+    }
+    payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+    return Outbound(topics.recalibration, payload, hashlib.sha256(payload).hexdigest()[:32])
 
 
 def threshold_payload(t: ThresholdFile) -> bytes:

@@ -20,7 +20,6 @@ import threading
 import time
 from typing import Any
 
-from ngcal.core.bundle import open_installed
 from ngcal.core.errors import ConfigError
 from ngcal.core.runtime import open_scorer
 
@@ -31,7 +30,7 @@ from .link import MqttLink
 from .messages import STATUS_SCHEMA, Topics
 from .notify import Notifier
 from .preflight import environment_problems
-from .recalibration import ThresholdKeeper, threshold_payload
+from .recalibration import ThresholdKeeper, open_with_thresholds, threshold_payload
 from .relay import Relay
 from .scoring import ScoringPipeline
 from .store import Store
@@ -64,7 +63,7 @@ class Daemon:
         self.notifier.status("opening state database")
         self.store = Store(cfg.state_dir)
         self.notifier.status("loading model")
-        self.bundle = open_installed(cfg.bundle)
+        self.bundle, manual = open_with_thresholds(cfg.bundle, cfg.recalibration)
         self.scorer = open_scorer(
             self.bundle,
             backend=cfg.runtime.backend,
@@ -73,7 +72,12 @@ class Daemon:
             max_batch=cfg.runtime.batch_size,
         )
         self.keeper = ThresholdKeeper(
-            self.store, cfg.state_dir, self.bundle, cfg.recalibration, self.topics
+            self.store,
+            cfg.state_dir,
+            self.bundle,
+            cfg.recalibration,
+            self.topics,
+            manual_override=manual,
         )
         client_id = cfg.mqtt.client_id or f"ngcal-{cfg.device_id}"
         self.link = MqttLink(

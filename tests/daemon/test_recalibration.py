@@ -21,9 +21,10 @@ from daemon_kit import TINY_MODEL_SHA, make_tiny_bundle
 
 from ngcal.cli.main import main as ngcal_main
 from ngcal.core.bundle import open_bundle
+from ngcal.core.errors import ArtifactError
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 from ngcal.core.thresholds import load_thresholds
-from ngcal.daemon.config import RecalibrationConfig
+from ngcal.daemon.config import RecalibrationConfig, load_config
 from ngcal.daemon.messages import Outbound, Topics, Verdict
 from ngcal.daemon.recalibration import (
     ThresholdKeeper,
@@ -31,6 +32,7 @@ from ngcal.daemon.recalibration import (
     audit_draw,
     escape_audit,
     latest_confirmations,
+    threshold_payload,
 )
 from ngcal.daemon.store import Store, add_confirmation
 
@@ -287,3 +289,82 @@ def test_audited_verdicts_and_their_checks_over_a_real_broker(
     con = sqlite3.connect(tmp_path / "state" / "state.db")
     assert con.execute("SELECT audited FROM confirmations").fetchall() == [(1,)]
     con.close()
+
+
+def hand_edit(bundle_dir: Path, value: float) -> None:
+    """Change the threshold's value in the bundle's thresholds.json as a person would."""
+    p = bundle_dir / "thresholds.json"
+    body = json.loads(p.read_text())
+    body["value"] = value
+    p.write_text(json.dumps(body))
+
+
+def test_a_hand_edited_threshold_is_refused_unless_the_override_is_set(tmp_path):
+    """A thresholds.json edited after ngcal wrote it stops the daemon's bundle open with one
+    line naming the override flag; check-config names it too. With
+    accept_manual_thresholds the keeper starts from it, audits it, queues a
+    ``manual_override`` recalibration event and flags it in the retained threshold."""
+    from ngcal.daemon.preflight import bundle_problems
+    from ngcal.daemon.recalibration import open_with_thresholds
+    from ngcal.daemon.service import Daemon
+
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", threshold=0.5)
+    hand_edit(bundle_dir, 1.0)
+    strict = RecalibrationConfig()
+    with pytest.raises(ArtifactError, match="accept_manual_thresholds") as ei:
+        open_with_thresholds(bundle_dir, strict)
+    assert "\n" not in str(ei.value)
+    (tmp_path / "cam").mkdir()
+    cfg_path = tmp_path / "d.yaml"
+    cfg_path.write_text(
+        f"device_id: d\nbundle: {bundle_dir}\nstate_dir: state\n"
+        "cameras:\n  - id: c\n    watch: cam\n"
+    )
+    cfg = load_config(cfg_path)
+    problems = bundle_problems(cfg)
+    assert len(problems) == 1 and "digest" in problems[0] and "accept_manual" in problems[0]
+    with pytest.raises(ArtifactError, match="accept_manual_thresholds"):
+        Daemon(cfg).start()
+    allowed = RecalibrationConfig(accept_manual_thresholds=True)
+    assert bundle_problems(cfg.model_copy(update={"recalibration": allowed})) == []
+    bundle, why = open_with_thresholds(bundle_dir, allowed)
+    assert why is not None and "digest" in why
+    store = Store(tmp_path / "state")
+    keeper = ThresholdKeeper(
+        store, tmp_path / "state", bundle, allowed, Topics("n", "d"), manual_override=why
+    )
+    assert keeper.current.value == 1.0
+    assert keeper.current.notes["manual_override"] == why
+    assert json.loads(threshold_payload(keeper.current))["notes"]["manual_override"] == why
+    rows = store.audit_rows("threshold_manual_override")
+    assert len(rows) == 1 and rows[0]["actor"] == "operator override"
+    events = [json.loads(r.payload) for r in store.unsent(exclude=set(), limit=10)]
+    assert [e["action"] for e in events] == ["manual_override"]
+    assert events[0]["new"]["value"] == 1.0 and "accept_manual_thresholds" in events[0]["reason"]
+    # the exported copy in the state folder is signed: ngcal wrote it
+    assert load_thresholds(tmp_path / "state" / "thresholds.json").value == 1.0
+    store.close()
+
+
+@pytest.mark.mqtt
+def test_a_manual_threshold_override_is_published_over_a_real_broker(
+    tmp_path, broker, daemon_process
+):
+    """With accept_manual_thresholds a hand-edited threshold is used, announced as a
+    ``manual_override`` recalibration event and flagged in the retained threshold."""
+    from daemon_kit import Subscriber, daemon_config
+
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", threshold=0.5)
+    hand_edit(bundle_dir, 0.75)
+    extra = "recalibration:\n  accept_manual_thresholds: true\n"
+    cfg = daemon_config(tmp_path, bundle_dir, broker.port, extra=extra)
+    sub = Subscriber(broker.port, ("ngcal/#",), client_id="operator").start()
+    d = daemon_process(cfg)
+    d.start()
+    sub.wait(lambda: len(sub.json_on("/recalibration")) == 1, 30, "the override event")
+    sub.wait(lambda: len(sub.json_on("/threshold")) >= 1, 30, "the retained threshold")
+    event = sub.json_on("/recalibration")[0]
+    assert event["action"] == "manual_override" and event["new"]["value"] == 0.75
+    retained = sub.json_on("/threshold")[-1]
+    assert retained["value"] == 0.75 and "digest" in retained["notes"]["manual_override"]
+    assert "accepted by recalibration.accept_manual_thresholds" in d.log()
