@@ -26,8 +26,11 @@ FAINT_STRENGTH = 0.25
 FAST_BUILD = """# ngcal demo's fast settings: small images, a short GLASS run
 fit: {{image_size: {size}, cv_folds: 3}}
 glass: {{epochs: 2, count: 16, pool_images: 8, hidden: 256}}
-calibrate: {{title: "ngcal calibration: demo part (procedural machined surface)"}}
+calibrate: {{title: "ngcal calibration: demo part (procedural machined surface)",
+            prevalence: {prevalence}, cost_ratio: {cost_ratio}}}
 """
+#: the demo line's operating point: 10 % of parts defective, a miss costs 20 false rejects
+PREVALENCE, COST_RATIO = 0.1, 20.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     cfg = out / "build.yaml"
-    cfg.write_text(FAST_BUILD.format(size=args.image_size), encoding="utf-8")
+    cfg.write_text(
+        FAST_BUILD.format(size=args.image_size, prevalence=PREVALENCE, cost_ratio=COST_RATIO),
+        encoding="utf-8",
+    )
     say(
         "[demo] ngcal build: fit PatchCore (~15 s), generate GLASS NG (~5-20 s), calibrate "
         "(~5 s), export ONNX (~5 s), evaluate (~1 s)"
@@ -139,7 +145,15 @@ def _line(args: argparse.Namespace, bundle: Path, line: Path, port: int, data: P
 
     shutil.rmtree(line / "state", ignore_errors=True)
     shutil.rmtree(line / "camera", ignore_errors=True)
-    config = daemon_config(line, bundle=bundle, port=port, device=DEVICE, camera=CAMERA)
+    config = daemon_config(
+        line,
+        bundle=bundle,
+        port=port,
+        device=DEVICE,
+        camera=CAMERA,
+        prevalence=PREVALENCE,
+        cost_ratio=COST_RATIO,
+    )
     mes = Mes(port, prefix=PREFIX, device=DEVICE)
     daemon = DaemonProcess(config, line / "daemon.log")
     say(f"[demo] starting the daemon: ngcal serve --config {config} (a few seconds)")
@@ -279,18 +293,33 @@ class Operator:
             since=mark,
             what="recalibration event",
         )
-        old = event.get("old") or {}
-        new = event.get("new")
-        proposed = event.get("proposed") or {}
-        if event.get("applied") and new:
+        from ngcal.cli.demo_line import MAX_STEP, MIN_REAL_NG
+        from ngcal.cli.readable import pct, trade_off
+        from ngcal.core.thresholds import ThresholdFile
+
+        old = ThresholdFile.model_validate(event["old"])
+        evidence = (event.get("audit") or {}).get("evidence") or {}
+        real = ", ".join(f"{v} {k}" for k, v in sorted(evidence.items()) if k.startswith("real"))
+        say(f"  evidence: {real or 'no confirmations'} plus the bundle's normal and GLASS sets")
+        if event.get("applied") and event.get("new"):
+            new = ThresholdFile.model_validate(event["new"])
+            move = (new.value - old.value) / abs(old.value)
+            limit = pct(MAX_STEP, digits=0)
             say(
-                f"[demo] recalibration applied: threshold v{old.get('version')} "
-                f"{num(old.get('value'))} -> v{new.get('version')} {num(new.get('value'))}"
+                f"[demo] recalibration applied (ack {ack['status']}): threshold "
+                f"v{old.version} {num(old.value)} -> v{new.version} {num(new.value)} "
+                f"({'+' if move >= 0 else ''}{pct(move)}; the step limit is {limit})"
             )
+            say(f"  before: {trade_off(old)}")
+            say(f"  now:    {trade_off(new)}")
         else:
+            proposed = event.get("proposed")
             say(
                 f"[demo] recalibration not applied (ack {ack['status']}): threshold stays "
-                f"v{old.get('version')} {num(old.get('value'))}"
+                f"v{old.version} {num(old.value)}"
                 + (f"; proposed {num(proposed.get('value'))}" if proposed else "")
             )
-        say(f"  guard rails: {event.get('reason')}")
+        say(
+            f"  guard rails (at least {MIN_REAL_NG} confirmed NG, steps of at most "
+            f"{pct(MAX_STEP, digits=0)}): {event.get('reason')}"
+        )

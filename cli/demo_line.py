@@ -26,6 +26,8 @@ from typing import Any
 
 from ngcal.core.errors import ConfigError, NgcalError
 
+#: the demo line's recalibration guard rails
+MIN_REAL_NG, MAX_STEP = 3, 0.10
 INSTALL_HINT = (
     "install it: sudo apt-get install mosquitto (Debian/Ubuntu; brew install mosquitto on macOS)"
 )
@@ -107,8 +109,21 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> int
         return proc.wait()
 
 
-def daemon_config(root: Path, *, bundle: Path, port: int, device: str, camera: str) -> Path:
-    """A daemon config for the demo line: one camera folder, the private broker."""
+def daemon_config(
+    root: Path,
+    *,
+    bundle: Path,
+    port: int,
+    device: str,
+    camera: str,
+    prevalence: float | None = None,
+    cost_ratio: float | None = None,
+) -> Path:
+    """A daemon config for the demo line: one camera folder, the private broker, and the
+    operating point the bundle was calibrated at (None: the daemon's default)."""
+    op = "".join(
+        f"  {k}: {v}\n" for k, v in (("prevalence", prevalence), ("cost_ratio", cost_ratio)) if v
+    )
     text = f"""# written by ngcal demo
 device_id: {device}
 bundle: {bundle.resolve()}
@@ -124,9 +139,9 @@ mqtt:
   port: {port}
   keepalive: 10
 recalibration:
-  min_real_ng: 3
-  max_step: 0.10
-service:
+  min_real_ng: {MIN_REAL_NG}
+  max_step: {MAX_STEP}
+{op}service:
   status_interval_s: 5
   drain_timeout_s: 5
 """

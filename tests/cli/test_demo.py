@@ -38,6 +38,7 @@ def test_demo_builds_serves_confirms_and_recalibrates(
     rows = [line for line in text.splitlines() if line.startswith("  part")]
     assert len(rows) == 15  # 6 good, 6 defective, 3 faint defects: every verdict arrived
     assert text.count("ack accepted") >= 4  # confirmations of NG and of a good part
-    assert "[demo] recalibration" in text and "guard rails:" in text
+    assert "[demo] recalibration" in text and "guard rails (" in text
+    assert "of good parts" in text and "%" in text  # rates in words and percentages
     assert "daemon exited with code 0" in text
     assert (out / "line" / "state" / "state.db").is_file()
