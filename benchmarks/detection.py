@@ -1,23 +1,26 @@
-"""Detection benchmark of PatchCore on an MVTec-layout category: accuracy, fit and score time.
+"""Detection benchmark: what ``ngcal fit`` with its defaults detects on each product, at
+what fit time and edge latency, against the old default (256 px square, top-10 mean).
 
-    python benchmarks/detection.py --data ../shared/data/magnetic_tile/tile [--variants]
+    python benchmarks/detection.py [--data D ...] [--demo] [--ablation] [--search] [--save F]
 
-Prints one JSON object (progress on stderr): image/pixel AUROC, fit time (with its parts),
-scoring time per image, the speed of our chunked-matmul search against torch.cdist on the
-same bank (image scores asserted equal to 1e-4; patch distances' largest difference reported
-against cdist and against a float64 reference) and the direct search's floor (its one GEMM alone:
-``cdist_over_gemm_only`` is the most any exact fp32 matmul search could show), image-score
-rules compared on the same patch distances, how the normal score sets (LOO, cross-fitted
-holdout) compare to test/good, and with ``--variants`` extra fits (input size, coreset
-projection dim) with AUROC and latency.
+Per product (``--data``, repeatable; ``--demo`` adds the procedural demo product) it runs
+``ngcal fit`` with no size or rule (so ``--auto`` chooses from good images and synthetic NG
+only), scores the labelled test split once (test labels are used for the figures only,
+never for a choice) and prints one JSON object: ``image_auroc``, ``pixel_auroc``,
+``f1_oracle``, ``fit_seconds``, ``ort_p50_ms`` (onnxruntime, 1 thread, batch 1, the
+exported bundle), the settings ``--auto`` chose with its evidence, the same figures for the
+old default (the same memory bank and distances with the top-10 mean, when the geometry is
+the old one; else its own fit) and ``ort_p50_ratio``: new / old, timed interleaved in one
+process (the machine is shared). ``test_auroc_by_rule`` shows what each candidate rule
+would have given (reporting only). ``--ablation`` adds fits without cross-fitting at other
+geometries (aspect kept, 320 px) with every rule; ``--search`` the search/score-set checks
+of ``detection_search``. ``--save F`` writes ``{"products": [...]}`` to F.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -27,293 +30,225 @@ from typing import Any
 
 import numpy as np
 
-#: anchors.md: 4096^2 fp32 matmul on 1 thread on the machine the anchor figures come from
-ANCHOR_MATMUL_GFLOPS = 137.0
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic_tile" / "tile"
 )
+OLD_DEFAULT = ("topk_mean", 10)
 
 
 def log(msg: str) -> None:
     print(f"[detection] {msg}", file=sys.stderr, flush=True)
 
 
-def fit_and_score(data: Path, out: Path, threads: int, **overrides: Any) -> dict[str, Any]:
-    """Fit with FitConfig(**overrides), score the test split; figures + the per-image arrays."""
+def run_fit(data: Path, out: Path, threads: int, *extra: str) -> float:
+    """``ngcal fit --data data --out out [extra]`` through the CLI; wall seconds."""
+    from ngcal.cli.main import main
+
+    t0 = time.perf_counter()
+    args = ["fit", "--data", str(data), "--out", str(out), "--threads", str(threads), "--quiet"]
+    if main([*args, *extra]) != 0:
+        raise SystemExit(f"fit failed on {data}")
+    return time.perf_counter() - t0
+
+
+def test_scores(model_dir: Path, data: Path) -> dict[str, Any]:
+    """Every candidate rule's image scores and the anomaly maps on the labelled test split,
+    from one search per image (with the nearest rows, for reweighted_max)."""
     import torch
 
-    from ngcal.calibration.evaluation import downsample, image_figures, load_masks, pixel_auroc
     from ngcal.core.dataset import load_category
-    from ngcal.patchcore.fitting import FitConfig, fit
-    from ngcal.patchcore.io import load_batch, load_model, score_paths
+    from ngcal.patchcore.io import load_batch, load_model
+    from ngcal.patchcore.nn_search import nearest
+    from ngcal.patchcore.rules import image_scores
+    from ngcal.patchcore.selection import CANDIDATE_RULES
 
-    torch.set_num_threads(threads)
-    cat = load_category(data)
-    cfg = FitConfig(**overrides)
-    t0 = time.perf_counter()
-    res = fit([s.path for s in cat.train], out, cfg, [s.item_id for s in cat.train])
-    fit_s = time.perf_counter() - t0
-    loaded = load_model(out)
-    test = [s for s in cat.test if s.label is not None]
-    t0 = time.perf_counter()
-    scored = score_paths(loaded, [s.path for s in test], batch_size=1)
-    score_ms = (time.perf_counter() - t0) / len(test) * 1000
-    labels = np.array([s.label for s in test])
-    figs = image_figures(labels, scored.scores)
-    assert scored.maps is not None
-    masks = load_masks([s.mask for s in test], 64)
-    figs["pixel_auroc"] = pixel_auroc(downsample(scored.maps, 64), masks)
-    # model-only latency, batch 1, preprocessed input
-    x, _, _ = load_batch([test[0].path], loaded.preprocessing)
-    xt = torch.from_numpy(x)
-    with torch.inference_mode():
-        for _ in range(3):
-            loaded.module(xt)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            loaded.module(xt)
-    forward_ms = (time.perf_counter() - t0) / 20 * 1000
-    return {
-        "figures": figs,
-        "fit_seconds": fit_s,
-        "fit_parts": {k: round(v, 1) for k, v in res.timings.items()},
-        "score_ms_per_image": score_ms,
-        "forward_ms_batch1": forward_ms,
-        "loaded": loaded,
-        "test": test,
-        "labels": labels,
-        "scores": scored.scores,
-    }
-
-
-def compare_rules(
-    loaded: Any, test: list[Any], labels: np.ndarray
-) -> tuple[dict[str, float], dict[str, float]]:
-    """AUROC of each image-score rule on identical patch distances; and search timings."""
-    import torch
-
-    from ngcal.core.metrics import auroc
-    from ngcal.patchcore.io import load_batch
-    from ngcal.patchcore.nn_search import (
-        nearest,
-        nearest_cdist,
-        nearest_distance_gemm,
-    )
-    from ngcal.patchcore.rules import ImageRule
-
+    loaded = load_model(model_dir)
     m = loaded.module
-    rules = {
-        "max": ("max", 1),
-        "topk_mean_3": ("topk_mean", 3),
-        "topk_mean_5": ("topk_mean", 5),
-        "topk_mean_10": ("topk_mean", 10),
-        "topk_mean_20": ("topk_mean", 20),
-        "reweighted_max": ("reweighted_max", 1),
-    }
-    out = {k: np.empty(len(test)) for k in rules}
-    t_ours = t_cdist = t_gemm = t_direct = 0.0
-    max_diff_f64 = 0.0
-    score_diff = 0.0
-    factored = False
-    t_naive = 0.0
-    n_naive = 0
-    max_diff = 0.0
-    saved = m.rule
+    test = [s for s in load_category(data).test if s.label is not None]
+    scores = {r.label: np.empty(len(test)) for r in CANDIDATE_RULES}
+    maps = []
     with torch.inference_mode():
         for i, s in enumerate(test):
             x, _, _ = load_batch([s.path], loaded.preprocessing)
-            m.rule = saved  # the rules loop below changes it
-            levels = m.embedder.levels(torch.from_numpy(x))
-            feats = m.embedder.combine(levels)
-            q = feats.reshape(-1, feats.shape[-1])
-            factored = m.factored(levels)
+            feats = m.embed(torch.from_numpy(x))
+            _, h, w, d = feats.shape
+            dist, idx = nearest(feats.reshape(-1, d), m.memory_bank, m.bank_sq, chunk=m.chunk)
+            dist, idx = dist.reshape(1, -1), idx.reshape(1, -1)
+            for r in CANDIDATE_RULES:
+                v = image_scores(r, feats, dist, idx, m.bank_neighbour_rows)
+                scores[r.label][i] = float(v[0])
+            maps.append(m.anomaly_map(dist, (h, w))[0].numpy())
+    return {"loaded": loaded, "test": test, "scores": scores, "maps": np.stack(maps)}
+
+
+def figures(
+    labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray
+) -> dict[str, Any]:
+    """image_auroc, pixel_auroc, f1_oracle (test labels: reporting only)."""
+    from ngcal.calibration.evaluation import downsample, image_figures, pixel_auroc
+
+    f = image_figures(labels, scores)
+    return {
+        "image_auroc": round(f["image_auroc"], 4),
+        "pixel_auroc": round(pixel_auroc(downsample(maps, 64), masks) or float("nan"), 4),
+        "f1_oracle": round(f["f1_oracle"], 4),
+    }
+
+
+def ort_p50(
+    onnx_paths: dict[str, Path], pre: dict[str, Any], x: dict[str, np.ndarray], reps: int
+) -> dict[str, float]:
+    """Median ms per image (batch 1, 1 thread) of each graph, timed interleaved."""
+    from ngcal.core.ort_backend import OrtScorer
+
+    sessions = {k: OrtScorer(p, pre[k], threads=1, max_batch=1) for k, p in onnx_paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        for _ in range(3):
+            s.score(x[k])
+    for _ in range(reps):
+        for k, s in sessions.items():
             t0 = time.perf_counter()
-            if factored:  # the product's path (PatchCore.forward)
-                d = m.level_patch_scores(levels, feats).reshape(-1)
-            else:
-                d = nearest_distance_gemm(q, m.bank_gemm, chunk=m.chunk)
-            t1 = time.perf_counter()
-            dc, ic = nearest_cdist(q, m.memory_bank)
-            t2 = time.perf_counter()
-            nearest_distance_gemm(q, m.bank_gemm, chunk=m.chunk)  # the direct search, D wide
-            t_direct += time.perf_counter() - t2
-            exact = torch.cdist(q[None].double(), m.memory_bank[None].double())[0].amin(1)
-            max_diff_f64 = max(max_diff_f64, float((d.double() - exact).abs().max()))
-            k = min(m.topk, d.numel())
-            score_diff = max(
-                score_diff, abs(float(d.topk(k).values.mean() - dc.topk(k).values.mean()))
-            )
-            # the floor of any exact fp32 matmul search: the one GEMM alone, no reduction
-            qa = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
-            t3 = time.perf_counter()
-            torch.matmul(qa, m.bank_gemm)
-            t_gemm += time.perf_counter() - t3
-            t_ours += t1 - t0
-            t_cdist += t2 - t1
-            max_diff = max(max_diff, float((d - dc).abs().max()))
-            _, idx = nearest(q, m.memory_bank, m.bank_sq, chunk=m.chunk)  # reweighted_max only
-            if i % 50 == 0:  # the mm-free cdist is ~30x slower: sample it
-                t3 = time.perf_counter()
-                torch.cdist(
-                    q[None], m.memory_bank[None], compute_mode="donot_use_mm_for_euclid_dist"
-                )[0].min(1)
-                t_naive += time.perf_counter() - t3
-                n_naive += 1
-            dist, ind = d.reshape(1, -1), idx.reshape(1, -1)
-            for name, (rule, k) in rules.items():
-                m.rule = ImageRule(rule, k)
-                out[name][i] = float(m.image_scores(feats, dist, ind)[0])
-    m.rule = saved
-    if score_diff > 1e-4:
-        raise SystemExit(f"image scores from our search differ from cdist's by {score_diff}")
-    n = len(test)
-    timing = {
-        "search_ms_matmul": t_ours / n * 1000,
-        "search_ms_cdist": t_cdist / n * 1000,
-        "search_ms_gemm_only": t_gemm / n * 1000,
-        "search_ms_direct": t_direct / n * 1000,
-        "search_ms_cdist_no_mm": t_naive / max(n_naive, 1) * 1000,
-        "search_factored": float(factored),
-        "cdist_max_abs_diff": max_diff,
-        "float64_max_abs_diff": max_diff_f64,
-        "image_score_max_abs_diff_vs_cdist": score_diff,
+            s.score(x[k])
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def product(data: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark of one product (see the module docstring)."""
+    import torch
+
+    from ngcal.calibration.evaluation import load_masks
+    from ngcal.core.manifest import ModelManifest, read_manifest
+    from ngcal.export.bundle_writer import export_bundle
+    from ngcal.export.onnx_graph import export_onnx
+    from ngcal.patchcore.io import load_batch
+
+    torch.set_num_threads(args.threads)
+    name = data.resolve().name
+    model, bundle = tmp / f"{name}_model", tmp / f"{name}_bundle"
+    log(f"{name}: ngcal fit (defaults: --auto)")
+    fit_s = run_fit(data, model, args.threads)
+    man = read_manifest(model)
+    assert isinstance(man, ModelManifest)
+    pc = man.patchcore
+    log(f"{name}: scoring the test split")
+    ts = test_scores(model, data)
+    test = ts["test"]
+    labels = np.array([s.label for s in test])
+    masks = load_masks([s.mask for s in test], 64)
+    chosen = f"topk_mean_{pc.image_score_k}" if pc.image_score == "topk_mean" else pc.image_score
+    res: dict[str, Any] = {"data": name, "n_train": pc.num_train_images, "n_test": len(test)}
+    res.update(figures(labels, ts["scores"][chosen], ts["maps"], masks))
+    res["fit_seconds"] = round(fit_s, 1)
+    res["fit_parts"] = {k: v for k, v in pc.stats.items() if k.endswith("_seconds")}
+    res["settings"] = {
+        "input_hw": list(man.preprocessing.hw),
+        "image_score": chosen,
+        "choices": [c.model_dump() for c in pc.choices],
     }
-    return {k: auroc(labels, v) for k, v in out.items()}, timing
-
-
-def normal_vs_test_good(model_dir: Path, test: list[Any], scores: np.ndarray) -> dict[str, Any]:
-    """KS statistic and p99/p99-based FPR of normal score sets against test/good scores."""
-    from scipy.stats import ks_2samp
-
-    from ngcal.core.scoresets import load_scoreset
-
-    good = scores[np.array([s.label == 0 for s in test])]
-    out: dict[str, Any] = {
-        "test_good_p99": float(np.quantile(good, 0.99)),
-        "n_test_good": int(good.size),
+    res["test_auroc_by_rule"] = {
+        k: round(figures(labels, v, ts["maps"], masks)["image_auroc"], 4)
+        for k, v in ts["scores"].items()
     }
-    for name in ("normal_loo", "normal_holdout"):
-        p = model_dir / "scores" / f"{name}.json"
-        if not p.is_file():
-            continue
-        ss = load_scoreset(p).scores
-        ks = ks_2samp(ss, good)
-        p99 = float(np.quantile(ss, 0.99))
-        out[name] = {
-            "ks_statistic": float(ks.statistic),
-            "ks_pvalue": float(ks.pvalue),
-            "p99": p99,
-            "test_good_fpr_at_p99": float(np.mean(good >= p99)),
-            "p95": float(np.quantile(ss, 0.95)),
-            "test_good_fpr_at_p95": float(np.mean(good >= np.quantile(ss, 0.95))),
+    log(f"{name}: export + onnxruntime timing")
+    export_bundle(model, bundle)
+    old_label = f"{OLD_DEFAULT[0]}_{OLD_DEFAULT[1]}"
+    old_pre = man.preprocessing
+    if man.preprocessing.hw == (256, 256):  # same bank and distances: only the rule differs
+        old = ts["loaded"].module
+        old.rule = type(old.rule)(*OLD_DEFAULT)
+        res["old_default"] = figures(labels, ts["scores"][old_label], ts["maps"], masks)
+    else:
+        log(f"{name}: fitting the old default (256 px square, top-10 mean) for comparison")
+        old_dir = tmp / f"{name}_old"
+        run_fit(data, old_dir, args.threads, "--image-size", "256", "--cv-folds", "0")
+        ots = test_scores(old_dir, data)
+        old = ots["loaded"].module
+        old_pre = ots["loaded"].preprocessing
+        res["old_default"] = figures(labels, ots["scores"][old_label], ots["maps"], masks)
+    old_onnx = tmp / f"{name}_old.onnx"
+    export_onnx(old, old_onnx)
+    x = {
+        "new": load_batch([test[0].path], man.preprocessing)[0],
+        "old": load_batch([test[0].path], old_pre)[0],
+    }
+    p50 = ort_p50(
+        {"new": bundle / "model.onnx", "old": old_onnx},
+        {"new": man.preprocessing, "old": old_pre},
+        x,
+        args.reps,
+    )
+    res["ort_p50_ms"] = round(p50["new"], 2)
+    res["old_default"]["ort_p50_ms"] = round(p50["old"], 2)
+    res["ort_p50_ratio"] = round(p50["new"] / p50["old"], 3)
+    if args.ablation:
+        res["ablation"] = ablation(data, tmp, args.threads, labels, masks)
+    if args.search:
+        from detection_search import compare_rules, normal_vs_test_good
+
+        _, timing = compare_rules(ts["loaded"], test, labels)
+        timing["cdist_over_matmul"] = timing["search_ms_cdist"] / timing["search_ms_matmul"]
+        timing["cdist_over_gemm_only"] = timing["search_ms_cdist"] / timing["search_ms_gemm_only"]
+        res["search"] = timing
+        res["normal_scores_vs_test_good"] = normal_vs_test_good(model, test, ts["scores"][chosen])
+    res["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return res
+
+
+ABLATION = {
+    "square_256": ["--image-size", "256"],
+    "keep_aspect_256": ["--image-size", "256", "--aspect", "keep"],
+    "square_320": ["--image-size", "320"],
+}
+
+
+def ablation(
+    data: Path, tmp: Path, threads: int, labels: np.ndarray, masks: np.ndarray
+) -> dict[str, Any]:
+    """Fits without cross-fitting at each ``ABLATION`` geometry: test AUROC of every rule."""
+    out: dict[str, Any] = {}
+    for key, extra in ABLATION.items():
+        log(f"ablation {key}")
+        d = tmp / f"ablation_{key}"
+        fit_s = run_fit(data, d, threads, *extra, "--cv-folds", "0")
+        ts = test_scores(d, data)
+        out[key] = {
+            "input_hw": list(ts["loaded"].preprocessing.hw),
+            "fit_seconds": round(fit_s, 1),
+            "pixel_auroc": figures(labels, ts["scores"]["max"], ts["maps"], masks)["pixel_auroc"],
+            "image_auroc_by_rule": {
+                k: round(figures(labels, v, ts["maps"], masks)["image_auroc"], 4)
+                for k, v in ts["scores"].items()
+            },
         }
     return out
 
 
-def machine_speed() -> dict[str, Any]:
-    """The CPU's name and its 4096^2 fp32 matmul rate on 1 thread (best of 3): anchors.md
-    measured 137 GFLOP/s on the machine of its figures, so times can be compared across
-    machines of this kind, which vary (shared vCPUs)."""
-    import torch
-
-    name = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    a = torch.randn(4096, 4096)
-    torch.mm(a, a)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        torch.mm(a, a)
-        best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(saved)
-    return {
-        "cpu": name,
-        "matmul_gflops_1t": round(2 * 4096**3 / best / 1e9, 1),
-        "anchor_machine_matmul_gflops_1t": ANCHOR_MATMUL_GFLOPS,
-    }
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("NGCAL_DATA", DEFAULT_DATA)))
+    ap.add_argument("--data", type=Path, action="append", default=None)
+    ap.add_argument("--demo", action="store_true", help="add the procedural demo product")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--variants", action="store_true", help="also fit 320 px and coreset dim 16")
-    ap.add_argument("--model-out", type=Path, default=None, help="keep the main model here")
+    ap.add_argument("--reps", type=int, default=30, help="timed runs per graph")
+    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--search", action="store_true")
+    ap.add_argument("--save", type=Path, default=None)
     args = ap.parse_args()
-    import torch
+    datas: list[Path] = args.data or [Path(os.environ.get("NGCAL_DATA", DEFAULT_DATA))]
+    results = []
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        if args.demo:
+            from ngcal.generation.demo_data import make_demo_category
 
-    result: dict[str, Any] = {
-        "data": args.data.resolve().name,
-        "torch_threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "machine": machine_speed(),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        log("fit (defaults: Lite0, 256 px, coreset 1% greedy on all patches, dim 32, 5 folds)")
-        model_dir = args.model_out or Path(tmp) / "model"
-        main_run = fit_and_score(args.data, model_dir, args.threads)
-        figs = main_run["figures"]
-        result.update(
-            image_auroc=figs["image_auroc"],
-            pixel_auroc=figs["pixel_auroc"],
-            f1_oracle=figs["f1_oracle"],
-            threshold_oracle=figs["threshold_oracle"],
-            fit_seconds=round(main_run["fit_seconds"], 1),
-            fit_parts=main_run["fit_parts"],
-            score_ms_per_image=round(main_run["score_ms_per_image"], 1),
-            forward_ms_batch1=round(main_run["forward_ms_batch1"], 1),
-        )
-        pc = main_run["loaded"].manifest.patchcore
-        result["memory_bank"] = [pc.coreset_size, pc.feature_dim]
-        result["image_score_default"] = pc.image_score
-        result["loo_patch_nn"] = {
-            k: round(v, 3) for k, v in pc.stats.items() if k.startswith("loo_patch")
-        }
-        log("image-score rules and search timing")
-        rules, timing = compare_rules(main_run["loaded"], main_run["test"], main_run["labels"])
-        result["image_score_rules_auroc"] = {k: round(v, 4) for k, v in rules.items()}
-        result.update(
-            {k: round(v, 3) if k.startswith("search_ms") else v for k, v in timing.items()}
-        )
-        result["cdist_over_matmul"] = round(
-            timing["search_ms_cdist"] / timing["search_ms_matmul"], 2
-        )
-        # what cdist_over_matmul could reach if the search cost nothing beyond its GEMM
-        result["cdist_over_gemm_only"] = round(
-            timing["search_ms_cdist"] / timing["search_ms_gemm_only"], 2
-        )
-        result["cdist_no_mm_over_matmul"] = round(
-            timing["search_ms_cdist_no_mm"] / timing["search_ms_matmul"], 1
-        )
-        result["normal_scores_vs_test_good"] = normal_vs_test_good(
-            model_dir, main_run["test"], main_run["scores"]
-        )
-        if args.variants:
-            variants: dict[str, Any] = {}
-            for name, ov in {
-                "image_size_320": {"image_size": 320, "cv_folds": 0},
-                "coreset_dim_16": {"coreset_proj_dim": 16, "cv_folds": 0},
-                "no_crossfit_256": {"cv_folds": 0},
-            }.items():
-                log(f"variant {name}")
-                r = fit_and_score(args.data, Path(tmp) / name, args.threads, **ov)
-                variants[name] = {
-                    "image_auroc": round(r["figures"]["image_auroc"], 4),
-                    "pixel_auroc": round(r["figures"]["pixel_auroc"], 4),
-                    "fit_seconds": round(r["fit_seconds"], 1),
-                    "fit_parts": r["fit_parts"],
-                    "score_ms_per_image": round(r["score_ms_per_image"], 1),
-                    "forward_ms_batch1": round(r["forward_ms_batch1"], 1),
-                }
-            result["variants"] = variants
-    del torch
-    print(json.dumps(result, indent=1))
+            datas.append(make_demo_category(tmp / "demo"))
+        for data in datas:
+            res = product(data, tmp, args)
+            print(json.dumps(res), flush=True)
+            results.append(res)
+    if args.save is not None:
+        args.save.write_text(json.dumps({"products": results}, indent=1) + "\n")
     return 0
 
 

@@ -22,11 +22,12 @@ from ngcal.core.thresholds import ThresholdFile
 
 
 def downsample(maps: np.ndarray, size: int) -> np.ndarray:
-    """Area-average float maps [N, S, S] to [N, size, size] (S a multiple of size, else PIL box)."""
-    n, s, _ = maps.shape
-    if s == size:
+    """Area-average float maps [N, H, W] to [N, size, size] (H = W a multiple of size, else
+    PIL box)."""
+    n, s, w = maps.shape
+    if s == w == size:
         return maps
-    if s % size == 0:
+    if s == w and s % size == 0:
         f = s // size
         out: np.ndarray = maps.reshape(n, size, f, size, f).mean(axis=(2, 4))
         return out
