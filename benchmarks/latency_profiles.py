@@ -89,11 +89,10 @@ def pca_variants(
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
         path = Path(tmp) / "embed.onnx"
-        s = pc.image_size
         with torch.no_grad():
             torch.onnx.export(
                 pc.embedder,
-                (torch.zeros(1, 3, s, s),),
+                (torch.zeros(1, 3, *pc.image_hw),),
                 str(path),
                 input_names=["image"],
                 opset_version=17,
