@@ -412,10 +412,16 @@ def summary_lines(build: Build, times: list[tuple[str, str, float]]) -> list[str
 
 def run_build(args: argparse.Namespace, *, say: Callable[[str], None] = print) -> Build:
     """Run every step of a build, saying what each does and how long it took."""
+    from ngcal.core.dataset import is_mvtec_category
     from ngcal.core.errors import DataError
 
     if not args.data.is_dir():
         raise DataError(f"--data {args.data}: folder does not exist")
+    if not is_mvtec_category(args.data):
+        raise DataError(
+            f"--data {args.data}: needs the MVTec-AD layout: good images in train/good "
+            "(optionally test/good and test/<defect> to evaluate)"
+        )
     build = Build(args, load_build_config(args.config))
     build.out.mkdir(parents=True, exist_ok=True)
     steps = build.steps()

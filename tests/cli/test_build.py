@@ -76,3 +76,16 @@ def test_build_names_a_missing_data_folder(
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_build_needs_train_good_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain folder of images is refused up front, naming the layout it needs."""
+    from ngcal.cli.main import main
+
+    (tmp_path / "plain").mkdir()
+    rc = main(["build", "--data", str(tmp_path / "plain"), "--out", str(tmp_path / "b")])
+    assert rc == 2
+    assert "train/good" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
