@@ -215,10 +215,7 @@ class Operator:
             time.sleep(0.15)
         since = 0
         while len(got) < len(parts):
-            index, _topic, body = _wait_for(
-                self.mes,
-                self.daemon,
-                self.timeout,
+            index, _topic, body = self._wait(
                 lambda t, b: t.endswith("/verdict"),
                 since=since,
                 what="verdict",
@@ -235,11 +232,11 @@ class Operator:
             )
         return got
 
+    def _wait(self, match: Any, *, since: int, what: str) -> tuple[int, str, Any]:
+        return _wait_for(self.mes, self.daemon, self.timeout, match, since=since, what=what)
+
     def _ack(self, rid: str, since: int) -> dict[str, Any]:
-        _i, _topic, body = _wait_for(
-            self.mes,
-            self.daemon,
-            self.timeout,
+        _i, _topic, body = self._wait(
             lambda t, b: (
                 t.endswith("/cmd/ack") and isinstance(b, dict) and b.get("request_id") == rid
             ),
@@ -285,10 +282,7 @@ class Operator:
         mark = self.mes.mark()
         rid = self.mes.command("recalibrate", {})
         ack = self._ack(rid, mark)
-        _i, _topic, event = _wait_for(
-            self.mes,
-            self.daemon,
-            self.timeout,
+        _i, _topic, event = self._wait(
             lambda t, b: t.endswith("/recalibration"),
             since=mark,
             what="recalibration event",
