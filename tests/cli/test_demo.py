@@ -42,3 +42,19 @@ def test_demo_builds_serves_confirms_and_recalibrates(
     assert "of good parts" in text and "%" in text  # rates in words and percentages
     assert "daemon exited with code 0" in text
     assert (out / "line" / "state" / "state.db").is_file()
+
+
+def test_demo_without_mosquitto_says_how_to_install_it_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No broker binary: exit 2 with one line naming the install command; nothing written."""
+    from ngcal.cli import demo_line
+    from ngcal.cli.main import main
+
+    monkeypatch.setattr(demo_line.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(demo_line.os, "access", lambda _path, _mode: False)
+    rc = main(["demo", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "apt-get install mosquitto" in err[0]
+    assert not (tmp_path / "demo").exists()
