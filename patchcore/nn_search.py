@@ -15,6 +15,7 @@ and not pruning, int8 or an index: ``docs/decisions/0001`` and ``0002``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -206,52 +207,82 @@ def nearest_distance_levels(
     w) and, with ``rows`` (the bank size M), the last block cut to its real columns.
     """
     h, w, d0 = (int(s) for s in levels[0].shape[1:])
-    nb, chunk = int(blocks.shape[0]), int(blocks.shape[2])
     fine = _augmented(levels[0].reshape(-1, d0))
     bounds = [1 + d0]
     for lv in levels[1:]:
         bounds.append(bounds[-1] + int(lv.shape[-1]))
+    # per coarse level: features [N * h_l * w_l, D_l], h_l, w_l, its operand rows a:b
     coarse = [
-        (lv.reshape(-1, int(lv.shape[-1])), int(lv.shape[1]), int(lv.shape[2]), a, b)
+        _Coarse(lv.reshape(-1, int(lv.shape[-1])), int(lv.shape[1]), int(lv.shape[2]), a, b)
         for lv, a, b in zip(levels[1:], bounds[:-1], bounds[1:], strict=True)
     ]
     if traceable:
-        mins: list[torch.Tensor] = []
-        for i in range(nb):
-            cols = chunk if rows is None else min(chunk, rows - i * chunk)
-            block = blocks[i, :, :cols]
-            up_sum: torch.Tensor | None = None
-            for c, hl, wl, a, b in coarse:
-                maps = torch.matmul(c, block[a:b]).reshape(-1, hl, wl, cols)
-                up = F.interpolate(
-                    maps.permute(0, 3, 1, 2),
-                    scale_factor=(float(h // hl), float(w // wl)),
-                    mode="bilinear",
-                    align_corners=False,
-                    recompute_scale_factor=False,
-                ).permute(0, 2, 3, 1)
-                up = up.reshape(-1, cols)
-                up_sum = up if up_sum is None else up_sum + up
-            fine_op = block[: 1 + d0]
-            # the upsampled products as the Gemm's C: no separate Add pass
-            prod = (
-                torch.matmul(fine, fine_op)
-                if up_sum is None
-                else torch.addmm(up_sum, fine, fine_op)
+        best = _levels_traceable(fine, coarse, blocks, (h, w), rows)
+    else:
+        best = _levels_eager(fine, coarse, blocks, (int(levels[0].shape[0]), h, w))
+    return _distance(best, queries_sq)
+
+
+class _Coarse(NamedTuple):
+    """One coarse level of ``nearest_distance_levels``."""
+
+    feats: torch.Tensor
+    h: int
+    w: int
+    a: int
+    b: int
+
+
+def _levels_traceable(
+    fine: torch.Tensor,
+    coarse: list[_Coarse],
+    blocks: torch.Tensor,
+    grid: tuple[int, int],
+    rows: int | None,
+) -> torch.Tensor:
+    """Minima [P] of the per-level blocks with functional ops only (the ONNX trace)."""
+    (h, w), d0 = grid, int(fine.shape[1]) - 1
+    nb, chunk = int(blocks.shape[0]), int(blocks.shape[2])
+    mins: list[torch.Tensor] = []
+    for i in range(nb):
+        cols = chunk if rows is None else min(chunk, rows - i * chunk)
+        block = blocks[i, :, :cols]
+        up_sum: torch.Tensor | None = None
+        for c in coarse:
+            maps = torch.matmul(c.feats, block[c.a : c.b]).reshape(-1, c.h, c.w, cols)
+            up = F.interpolate(
+                maps.permute(0, 3, 1, 2),
+                scale_factor=(float(h // c.h), float(w // c.w)),
+                mode="bilinear",
+                align_corners=False,
+                recompute_scale_factor=False,
             )
-            mins.append(prod.amin(dim=1))
-        return _distance(_min_over(mins), queries_sq)
-    n = int(levels[0].shape[0])
+            up = up.permute(0, 2, 3, 1).reshape(-1, cols)
+            up_sum = up if up_sum is None else up_sum + up
+        fine_op = block[: 1 + d0]
+        # the upsampled products as the Gemm's C: no separate Add pass
+        prod = torch.matmul(fine, fine_op) if up_sum is None else torch.addmm(up_sum, fine, fine_op)
+        mins.append(prod.amin(dim=1))
+    return _min_over(mins)
+
+
+def _levels_eager(
+    fine: torch.Tensor, coarse: list[_Coarse], blocks: torch.Tensor, shape: tuple[int, int, int]
+) -> torch.Tensor:
+    """Minima [P] of the per-level blocks in torch eager: one accumulator reused across
+    blocks (fresh multi-MB tensors per block cost page faults), upsampled into (``out=``)."""
+    (n, h, w), d0 = shape, int(fine.shape[1]) - 1
+    nb, chunk = int(blocks.shape[0]), int(blocks.shape[2])
     p = n * h * w
-    # buffers reused across blocks: fresh multi-MB tensors per block cost page faults
     acc = torch.empty(p, chunk, dtype=fine.dtype, device=fine.device)
     acc_nchw = acc.view(n, h, w, chunk).permute(0, 3, 1, 2)  # channels last
     block_mins = torch.empty(nb, p, dtype=fine.dtype, device=fine.device)
     for i in range(nb):
         if not coarse:
             acc.zero_()
-        for li, (c, hl, wl, a, b) in enumerate(coarse):
-            maps = torch.mm(c, blocks[i, a:b]).view(n, hl, wl, chunk).permute(0, 3, 1, 2)
+        for li, c in enumerate(coarse):
+            maps = torch.mm(c.feats, blocks[i, c.a : c.b]).view(n, c.h, c.w, chunk)
+            maps = maps.permute(0, 3, 1, 2)  # channels last
             if li == 0:  # straight into the accumulator (F.interpolate's kernel, out=)
                 _upsample_bilinear_out(maps, [h, w], False, None, None, out=acc_nchw)
             else:
@@ -259,7 +290,7 @@ def nearest_distance_levels(
                 acc.add_(up.permute(0, 2, 3, 1).reshape(p, chunk))
         acc.addmm_(fine, blocks[i, : 1 + d0])
         torch.amin(acc, dim=1, out=block_mins[i])
-    return _distance(block_mins.amin(dim=0), queries_sq)
+    return block_mins.amin(dim=0)
 
 
 def knn_bank(bank: torch.Tensor, k: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
