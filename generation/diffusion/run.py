@@ -5,7 +5,9 @@ NG references (``--ng``, none = zero-NG mode); pick ``count`` good training imag
 and one target mask each (``targets``), round-robin over the defect types; let the backend
 prepare (train or load) and paint ``candidates`` candidates per target; run the gate on every
 candidate; of each target's passing candidates keep the one least like its good image; score
-the kept images with the model exactly as real images (``ngcal.patchcore.io.score_paths``).
+the kept images with the model as real images: decoded and preprocessed as
+``ngcal.patchcore.io.score_paths`` does, by the leave-group-out PatchCore that never saw the
+good image they were painted on (``ngcal.generation.heldout``, as GLASS's sets).
 
 Outputs under ``out`` (like GLASS's): ``scores/diffusion.json`` (source ``diffusion``, group =
 defect type), ``images/<k>.png`` and ``masks/<k>_mask.png`` (every candidate; the mask is the
@@ -13,8 +15,8 @@ label re-derived from the actual change), ``index.json`` (one record per candida
 or not, with every gate figure), ``contact_sheet.png`` (good | mask | NG triples, kept and
 rejected marked) and ``diffusion_run.json`` (options, backend record, counts).
 
-The good images come from ``train/good`` and are scored by the full model, whose memory bank
-holds their patches: their untouched background scores a little lower than a new image's.
+``index.json`` also records each kept image's full-model score (``score_full_model``): the
+memory bank holds the good image's own patches, so that score is biased low.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ngcal.core.dataset import load_category
 from ngcal.core.errors import ConfigError
 from ngcal.core.files import atomic_write_json
 from ngcal.core.images import load_rgb, normalize, resize_rgb
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 from ngcal.patchcore.io import LoadedModel
 
+from ..heldout import HeldOutScorer, TrainImage, bank_sources, training_index
 from ..las import contact_sheet, save_png
 from ..perlin import otsu_foreground, pool_to_grid
 from .backend import Candidate, DefectBackend, Reference, Request
@@ -189,10 +191,42 @@ def _gate_all(
     return out
 
 
-def _pick_goods(data: Path, n: int, rng: np.random.Generator) -> list[tuple[str, Path]]:
-    cat = load_category(data)
-    order = rng.permutation(len(cat.train))
-    return [(cat.train[int(i)].item_id, cat.train[int(i)].path) for i in order[:n]]
+def _pick_goods(
+    loaded: LoadedModel, data: Path, n: int, rng: np.random.Generator
+) -> list[TrainImage]:
+    """``n`` distinct training images drawn with ``rng``, with their fit indices."""
+    index = training_index(Path(loaded.root), data, loaded.manifest.patchcore.num_train_images)
+    order = rng.permutation(len(index))
+    return [index[int(i)] for i in order[:n]]
+
+
+def score_heldout(
+    loaded: LoadedModel, paths: Sequence[Path], fit_indices: Sequence[int], group: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out scores, full-model scores) float64 [N] of image files.
+
+    Each file is decoded and preprocessed exactly as ``score_paths`` does for a real image;
+    the held-out score comes from the PatchCore without the memory bank rows of the good
+    images these NG were painted on (``ngcal.generation.heldout``, as GLASS's sets), so the
+    untouched background is as new to the model as a real image's.
+    """
+    from ngcal.core.images import load_and_preprocess
+
+    spec = loaded.manifest.preprocessing
+    device = next(loaded.module.buffers()).device
+    scorer = HeldOutScorer(
+        loaded.module, bank_sources(Path(loaded.root), loaded.module.memory_bank.shape[0])
+    )
+    held, full = np.zeros(len(paths)), np.zeros(len(paths))
+    with torch.inference_mode():
+        for s in range(0, len(paths), group):
+            x = np.stack([load_and_preprocess(p, spec) for p in paths[s : s + group]])
+            feats = loaded.module.embed(torch.from_numpy(x).to(device))
+            _, sc = scorer.head(feats, list(fit_indices[s : s + group]))
+            held[s : s + group] = sc.double().cpu().numpy()
+            _, sc_full = loaded.module.head(feats)
+            full[s : s + group] = sc_full.double().cpu().numpy()
+    return held, full
 
 
 def generate_diffusion(
@@ -205,7 +239,7 @@ def generate_diffusion(
     references: Sequence[Reference] | None = None,
 ) -> DiffusionOutput:
     """Generate, gate, score and write diffusion NG (see the module docstring)."""
-    from ngcal.patchcore.io import load_model, score_paths
+    from ngcal.patchcore.io import load_model
 
     from ..glass import resolve_device
 
@@ -216,8 +250,8 @@ def generate_diffusion(
     out = Path(out_dir)
     refs = list(references) if references is not None else load_references(options.ng, size)
     rng = np.random.default_rng(options.seed)
-    picked = _pick_goods(Path(data_dir), options.count + options.pool_images, rng)
-    rgb = [resize_rgb(load_rgb(p), size, spec.resample) for _, p in picked]
+    picked = _pick_goods(loaded, Path(data_dir), options.count + options.pool_images, rng)
+    rgb = [resize_rgb(load_rgb(t.sample.path), size, spec.resample) for t in picked]
     slots = [j % len(picked) for j in range(options.count)]
     pool = rgb[options.count :] or rgb
     groups = sorted({r.group for r in refs}) or [ZERO_NG_GROUP]
@@ -259,7 +293,7 @@ def generate_diffusion(
                     "slot": j,
                     "candidate": i,
                     "group": req.group,
-                    "good": picked[slots[j]][0],
+                    "good": picked[slots[j]].sample.item_id,
                     "target_kind": kinds[j],
                     "target_fraction": float(req.target.mean()),
                     "image": f"images/{k:04d}.png",
@@ -287,12 +321,13 @@ def generate_diffusion(
                 (c.image, req.target, tag),
             ]
 
-    scores = np.zeros(0)
+    scores = full = np.zeros(0)
     if kept:
-        scored = score_paths(loaded, [out / str(rows[k]["image"]) for k in kept], with_maps=False)
-        scores = np.asarray(scored.scores, dtype=np.float64)
-    for k, score in zip(kept, scores, strict=True):
+        fit = [picked[slots[int(rows[k]["slot"])]].fit_index for k in kept]  # type: ignore[call-overload]
+        scores, full = score_heldout(loaded, [out / str(rows[k]["image"]) for k in kept], fit)
+    for k, score, score_full in zip(kept, scores, full, strict=True):
         rows[k]["score"] = float(score)
+        rows[k]["score_full_model"] = float(score_full)
     acceptance = len(kept) / max(len(requests), 1)
     meta: dict[str, object] = {
         "backend": options.backend,
@@ -301,6 +336,7 @@ def generate_diffusion(
         "candidates_per_target": options.candidates,
         "references": [r.item_id for r in refs],
         "index": "index.json",
+        "holdout": "train/good images scored without the memory bank rows they contributed",
     }
     ss = ScoreSet(
         source="diffusion",
