@@ -67,13 +67,15 @@ class AckPayload(_Payload):
 
 
 class RecalibrationPayload(_Payload):
-    """``<prefix>/<device>/recalibration``: a recalibration or rollback, applied or not."""
+    """``<prefix>/<device>/recalibration``: a recalibration or rollback, applied or not; or
+    ``manual_override``: the daemon started from a thresholds.json ngcal did not write,
+    accepted by ``recalibration.accept_manual_thresholds`` (``old`` is then null)."""
 
     schema_: Literal["ngcal.recalibration/1"] = Field(alias="schema")
-    action: Literal["recalibrate", "rollback"]
+    action: Literal["recalibrate", "rollback", "manual_override"]
     applied: bool
     reason: str = Field(description="the guard rails' or the evidence's reason, in words")
-    old: ThresholdFile
+    old: ThresholdFile | None
     proposed: ThresholdFile | None
     new: ThresholdFile | None = Field(description="the new current threshold when applied")
     audit: dict[str, Any]

@@ -139,7 +139,12 @@ class RecalibrationConfig(_Section):
     """Guard rails of on-device recalibration (see ``ngcal.calibration.policy``)."""
 
     min_real_ng: int = Field(default=3, ge=0, description="confirmed NG needed before a change")
-    min_real_ok: int = Field(default=0, ge=0, description="confirmed OK needed before a change")
+    min_real_ok: int = Field(
+        default=0,
+        ge=0,
+        description="real OK parts needed before a change (confirmed OKs, plus the unlabelled "
+        "verdicts when stream_window > 0)",
+    )
     max_step: float = Field(
         default=0.10, ge=0, description="largest change per step, as a fraction of |threshold|"
     )
@@ -175,8 +180,9 @@ class RecalibrationConfig(_Section):
     stream_window: int = Field(
         default=5000,
         ge=0,
-        description="recent scored verdicts used as normal evidence (contaminated by at most "
-        "about `prevalence` defects); 0: off",
+        description="recent scored verdicts taken, with the confirmed OKs, as the line's good "
+        "parts (unconfirmed defects among them: about `prevalence` at most); 0: off, the "
+        "confirmed OKs alone",
     )
     accept_manual_thresholds: bool = Field(
         default=False,

@@ -10,12 +10,17 @@ swapped after the commit.
 
 The evidence a recalibration rests on (``assemble_evidence``, a pure function): the
 bundle's score sets (the normal and synthetic evidence the first threshold was calibrated
-on), the confirmed real NG and OK (the last label of an image wins), and the stream of
-recent scored verdicts that nobody labelled: parts as the line sends them, so normal
-evidence contaminated by at most about ``prevalence`` defects. Confirmations are a
-selected sample (flagged parts and escapes found downstream); only the confirmations of
-verdicts drawn at random for audit (``recalibration.audit_share`` of OK verdicts) are a
-fair sample of passed parts, and they alone estimate the escape rate.
+on), the confirmed real NG (the last label of an image wins), and the line's good parts:
+the stream of recent scored verdicts minus the images confirmed NG. Confirmations are a
+selected sample: confirmed OKs are false alarms, all above the threshold of the moment,
+so pooled on their own they would read as a good-part population far above the real one
+(and, from 30 of them, form a normal group of their own that the ``max`` rule obeys).
+Inside the stream they keep their true share of the line. The stream counts unconfirmed
+defects as good parts, at most about ``prevalence`` of it (the contamination bound),
+which can only overstate the false-reject rate. Only the confirmations of verdicts drawn
+at random for audit (``recalibration.audit_share`` of OK verdicts) are a fair sample of
+passed parts, and they alone estimate the escape rate. ``stream_window: 0`` turns the
+stream off: confirmed OKs are then the ``real_ok`` set, as before.
 """
 
 from __future__ import annotations
@@ -138,10 +143,11 @@ def escape_audit(
 class DeviceEvidence:
     """What a recalibration on the device rests on (see the module docstring).
 
-    ``sets``: the bundle's normal and synthetic score sets, ``real_ng`` and ``real_ok``
-    from confirmations. ``stream``: scores of recent verdicts nobody labelled (normal
-    evidence, at most about ``contamination_bound`` of them defective). ``audit``: the
-    escape-rate estimate from audit draws.
+    ``sets``: the bundle's normal and synthetic score sets, ``real_ng`` from confirmations
+    and ``real_ok``: the line's good parts (the stream without confirmed NG, or the
+    confirmed OKs alone when the stream is off). ``stream``: scores of recent verdicts
+    nobody labelled (at most about ``contamination_bound`` of them defective). ``audit``:
+    the escape-rate estimate from audit draws.
     """
 
     sets: tuple[ScoreSet, ...]
@@ -174,27 +180,39 @@ def assemble_evidence(
     """The device's evidence from the bundle, the confirmation rows and the verdict stream.
 
     Real NG/OK score sets that ship in the bundle are replaced by the confirmations (the
-    daemon's own labels are the source of truth for this line); the stream keeps only
-    verdicts whose image has no confirmation, so no part counts twice.
+    daemon's own labels are the source of truth for this line). With a stream, ``real_ok``
+    is the confirmed OKs plus the unlabelled verdicts (each image once); without one, the
+    confirmed OKs alone.
     """
     sets = [s for s in bundle_sets if s.source not in ("real_ng", "real_ok")]
     latest = latest_confirmations(confirmations)
-    pairs: tuple[tuple[Source, str], ...] = (("real_ng", "NG"), ("real_ok", "OK"))
-    for source, label in pairs:
-        items = sorted((k, c.score) for k, c in latest.items() if c.label == label)
+    unlabelled = [(sha, x) for sha, x in stream if sha not in latest]
+    ok = [(k, c.score) for k, c in latest.items() if c.label == "OK"]
+    groups: tuple[tuple[Source, list[tuple[str, float]]], ...] = (
+        ("real_ng", [(k, c.score) for k, c in latest.items() if c.label == "NG"]),
+        ("real_ok", ok + unlabelled if stream else ok),
+    )
+    for source, items in groups:
         if items:
+            meta: dict[str, Any] = {}
+            if source == "real_ok" and stream:
+                meta = {
+                    "confirmed_ok": len(ok),
+                    "unlabelled_verdicts": len(unlabelled),
+                    "contamination_bound": contamination_bound,
+                }
             sets.append(
                 ScoreSet(
                     source=source,
                     scores=np.asarray([x for _, x in items], dtype=np.float64),
                     item_ids=tuple(k for k, _ in items),
                     model_sha256=model_sha256,
+                    meta=meta,
                 )
             )
-    unlabelled = np.asarray([x for sha, x in stream if sha not in latest], dtype=np.float64)
     return DeviceEvidence(
         sets=tuple(sets),
-        stream=unlabelled,
+        stream=np.asarray([x for _, x in unlabelled], dtype=np.float64),
         contamination_bound=contamination_bound,
         audit=escape_audit(latest, drawn=audit_drawn, level=level),
     )

@@ -22,6 +22,7 @@ from daemon_kit import TINY_MODEL_SHA, make_tiny_bundle
 from ngcal.cli.main import main as ngcal_main
 from ngcal.core.bundle import open_bundle
 from ngcal.core.errors import ArtifactError
+from ngcal.core.mqtt_schema import RecalibrationPayload, VerdictPayload
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 from ngcal.core.thresholds import load_thresholds
 from ngcal.daemon.config import RecalibrationConfig, load_config
@@ -53,8 +54,9 @@ def sset(source: str, scores: list[float]) -> ScoreSet:
 
 
 def test_evidence_takes_the_last_label_and_counts_no_part_twice():
-    """real_ng/real_ok come from the last label of each image (a bundle's own real sets are
-    replaced); the stream keeps only verdicts nobody labelled; sources are counted."""
+    """real_ng comes from the last label of each image (a bundle's own real sets are
+    replaced); real_ok is the line's good parts: confirmed OKs plus the verdicts nobody
+    labelled, each image once (without a stream: the confirmed OKs alone)."""
     bundle = [sset("normal_loo", [0.1, 0.2, 0.3]), sset("glass_image", [0.9, 1.0])]
     bundle.append(sset("real_ng", [5.0]))  # shipped real NG: replaced by the device's labels
     rows = [
@@ -68,13 +70,22 @@ def test_evidence_takes_the_last_label_and_counts_no_part_twice():
     by = {s.source: s for s in ev.sets}
     assert sorted(by) == ["glass_image", "normal_loo", "real_ng", "real_ok"]
     assert by["real_ng"].item_ids == ("c",) and by["real_ng"].scores.tolist() == [0.95]
-    assert by["real_ok"].item_ids == ("a", "b")
+    assert by["real_ok"].item_ids == ("a", "b", "d", "e")
+    assert by["real_ok"].scores.tolist() == [0.8, 0.7, 0.2, 0.25]
     assert by["real_ok"].model_sha256 == SHA
+    assert by["real_ok"].meta == {
+        "confirmed_ok": 2,
+        "unlabelled_verdicts": 2,
+        "contamination_bound": 0.02,
+    }
     assert sorted(ev.stream.tolist()) == [0.2, 0.25]  # labelled images left the stream
     summary = ev.summary()
-    assert summary["counts"] == {"glass_image": 2, "normal_loo": 3, "real_ng": 1, "real_ok": 2}
+    assert summary["counts"] == {"glass_image": 2, "normal_loo": 3, "real_ng": 1, "real_ok": 4}
     assert summary["stream"] == {"n": 2, "contamination_bound": 0.02}
     assert summary["escape_audit"]["checked"] == 1
+    off = assemble_evidence(bundle, rows, [], model_sha256=SHA, contamination_bound=0.02)
+    ok = next(s for s in off.sets if s.source == "real_ok")
+    assert ok.item_ids == ("a", "b") and ok.meta == {} and off.stream.size == 0
 
 
 def test_escape_rate_comes_only_from_audited_confirmations():
@@ -282,6 +293,9 @@ def test_audited_verdicts_and_their_checks_over_a_real_broker(
     )
     sub.publish("ngcal/dev1/cmd/recalibrate", {"request_id": "r1", "dry_run": True})
     sub.wait(lambda: len(sub.json_on("/recalibration")) == 1, 30, "the recalibration event")
+    for v in by.values():
+        VerdictPayload.model_validate(v)
+    RecalibrationPayload.model_validate(sub.json_on("/recalibration")[0])
     ev = sub.json_on("/recalibration")[0]["audit"]["device_evidence"]
     assert ev["escape_audit"]["drawn"] == 1
     assert (ev["escape_audit"]["checked"], ev["escape_audit"]["escaped"]) == (1, 1)
@@ -365,6 +379,7 @@ def test_a_manual_threshold_override_is_published_over_a_real_broker(
     sub.wait(lambda: len(sub.json_on("/threshold")) >= 1, 30, "the retained threshold")
     event = sub.json_on("/recalibration")[0]
     assert event["action"] == "manual_override" and event["new"]["value"] == 0.75
+    RecalibrationPayload.model_validate(event)  # the documented MQTT contract
     retained = sub.json_on("/threshold")[-1]
     assert retained["value"] == 0.75 and "digest" in retained["notes"]["manual_override"]
     assert "accepted by recalibration.accept_manual_thresholds" in d.log()
