@@ -25,6 +25,7 @@ stream off: confirmed OKs are then the ``real_ok`` set, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -218,6 +219,30 @@ def assemble_evidence(
     )
 
 
+def with_escape_notes(d: Decision, audit: EscapeAudit) -> Decision:
+    """``d`` with the audited escape rate in the applied threshold's notes (when measured).
+
+    The retained threshold then states the share of passed parts found defective by
+    random audit (``escape_rate`` with ``escape_rate_low``/``_high`` at ``escape_level``
+    from ``escape_checked`` checks): measured on this line, not estimated from look-alikes.
+    """
+    r = audit.rate
+    if not d.applied or r is None:
+        return d
+    new = d.new_state.current
+    notes = {
+        **new.notes,
+        "escape_rate": r.value,
+        "escape_rate_low": r.low,
+        "escape_rate_high": r.high,
+        "escape_level": r.level,
+        "escape_checked": audit.checked,
+    }
+    new = new.model_copy(update={"notes": notes})
+    state = PolicyState(current=new, history=(*d.new_state.history[:-1], new))
+    return dataclasses.replace(d, new_state=state)
+
+
 def audit_draw(share: float, salt: str, msg_id: str) -> bool:
     """True for a share ``share`` of verdict ids, uniformly and independently of the score.
 
@@ -379,7 +404,9 @@ class ThresholdKeeper:
         with self._lock:
             pc = policy_config(self.cfg, dry_run=dry_run)
             ev = self.device_evidence()
-            decision = recalibrate(self.state, list(ev.sets), pc, actor=actor)
+            decision = with_escape_notes(
+                recalibrate(self.state, list(ev.sets), pc, actor=actor), ev.audit
+            )
             decision.audit["device_evidence"] = ev.summary()
             self._commit(decision, "recalibrate", on_commit)
             return decision

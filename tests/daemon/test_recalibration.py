@@ -383,3 +383,33 @@ def test_a_manual_threshold_override_is_published_over_a_real_broker(
     retained = sub.json_on("/threshold")[-1]
     assert retained["value"] == 0.75 and "digest" in retained["notes"]["manual_override"]
     assert "accepted by recalibration.accept_manual_thresholds" in d.log()
+
+
+def test_an_applied_threshold_states_the_audited_escape_rate(tmp_path):
+    """After audited OK verdicts were checked (1 of 4 found defective), the applied
+    threshold's notes carry the escape rate with its interval and the number of checks;
+    escapes found downstream without an audit draw do not count."""
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", threshold=0.5, n_normal=200)
+    store = Store(tmp_path / "state")
+    cfg = RecalibrationConfig(min_real_ng=1, max_step=1e6, hysteresis=0.0, stream_window=0)
+    keeper = ThresholdKeeper(
+        store, tmp_path / "state", open_bundle(bundle_dir), cfg, Topics("n", "d")
+    )
+    vs = [verdict(f"m{i}", f"s{i}", "OK", 0.1 * i, float(i), i < 4) for i in range(6)]
+    store.record_verdicts([(v, Outbound("t", v.payload(), v.msg_id)) for v in vs])
+    labels = ["NG", "OK", "OK", "OK", "NG", "NG"]  # m0-m3 audited; m4, m5 found downstream
+    with store.tx() as c:
+        for i, lab in enumerate(labels):
+            add_confirmation(
+                c, f"r{i}", msg_id=f"m{i}", sha256=f"s{i}", label=lab, score=0.1 * i,
+                operator="qa",
+            )  # fmt: skip
+    d = keeper.recalibrate(actor="test")
+    assert d.applied, d.reason
+    notes = keeper.current.notes
+    assert notes["escape_rate"] == 0.25 and notes["escape_checked"] == 4
+    low, high = notes["escape_rate_low"], notes["escape_rate_high"]
+    assert isinstance(low, float) and isinstance(high, float) and low < 0.25 < high
+    assert keeper.state.history[-1] == keeper.current  # the stored history holds the notes
+    assert json.loads(threshold_payload(keeper.current))["notes"]["escape_rate"] == 0.25
+    store.close()
