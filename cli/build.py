@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import shutil
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: generator -> the third-party module its extra brings (imported lazily by the generator)
+GENERATOR_NEEDS = {"diffusion": "diffusers"}
 BUILD_FILE = "build.json"
 BUILD_SCHEMA = "ngcal.build/1"
 
@@ -69,6 +72,12 @@ def _config_model() -> Any:
         pool_images: int = Field(default=16, ge=1)
         hidden: int = Field(default=1024, ge=1)
 
+    class Diffusion(_Section):
+        # None: ``ngcal generate diffusion``'s own default
+        count: int | None = Field(default=None, ge=1)
+        candidates: int | None = Field(default=None, ge=1)
+        train_steps: int | None = Field(default=None, ge=1)
+
     class Calibrate(_Section):
         # None: ``ngcal calibrate``'s own default
         mode: Literal["cost", "target_fpr", "f1", "miss_rate"] | None = None
@@ -80,6 +89,7 @@ def _config_model() -> Any:
     class BuildConfig(_Section):
         fit: Fit = Fit()
         glass: Glass = Glass()
+        diffusion: Diffusion = Diffusion()
         calibrate: Calibrate = Calibrate()
 
     return BuildConfig
@@ -173,7 +183,8 @@ class Build:
         self.ng: Path | None = args.ng
         self.cfg = cfg
         self.force: bool = args.force
-        self.diffusion: bool = args.diffusion
+        #: diffusion NG when asked for, or when real NG are given (it learns from them)
+        self.wants_diffusion: bool = bool(args.diffusion or args.ng is not None)
         self.record_path = self.out / BUILD_FILE
         self.record: dict[str, Any] = {"schema": BUILD_SCHEMA, "steps": {}}
         if self.record_path.is_file():
@@ -236,19 +247,35 @@ class Build:
                 after=lambda _out: self._adopt_scoresets(o / "glass" / "scores", "glass"),
             )
         )
-        if self.diffusion and _has_generator("diffusion"):
+        if self.wants_diffusion and _has_generator("diffusion"):
+            d = c.diffusion
+            d_argv = [
+                *("diffusion", "--model", str(self.model), "--data", str(self.data)),
+                *("--out", str(o / "diffusion"), "--seed", str(fit.seed), "--no-progress"),
+            ]
+            for flag, value in (
+                ("--count", d.count),
+                ("--candidates", d.candidates),
+                ("--train-steps", d.train_steps),
+            ):
+                if value is not None:
+                    d_argv += [flag, str(value)]
+            if self.ng is not None:
+                d_argv += ["--ng", str(self.ng)]
             steps.append(
                 Step(
                     "diffusion",
-                    "diffusion NG images scored by the model",
+                    "diffusion NG (defects painted from the real NG, or zero-NG), gated",
                     "generate",
-                    [
-                        *("diffusion", "--model", str(self.model), "--data", str(self.data)),
-                        *("--out", str(o / "diffusion")),
-                    ],
-                    lambda: {"model": model_sha()},
-                    (o / "diffusion", self.model / "scores" / "diffusion"),
-                    after=lambda _out: self._adopt_scoresets(o / "diffusion", "diffusion"),
+                    d_argv,
+                    lambda: {
+                        "model": model_sha(),
+                        "ng": "none" if self.ng is None else tree_fingerprint(self.ng),
+                    },
+                    (o / "diffusion" / "diffusion_run.json", self.model / "scores" / "diffusion"),
+                    after=lambda _out: self._adopt_scoresets(
+                        o / "diffusion" / "scores", "diffusion"
+                    ),
                 )
             )
         cal = c.calibrate
@@ -378,9 +405,17 @@ def _key(argv: list[str], inputs: dict[str, str]) -> str:
 
 
 def _has_generator(name: str) -> bool:
+    """``ngcal generate <name>`` exists and its package imports (its extra is installed)."""
     from ngcal.cli.generate import GENERATORS
 
-    return name in GENERATORS
+    if name not in GENERATORS:
+        return False
+    try:
+        importlib.import_module(f"ngcal.generation.{name}")
+    except ImportError:
+        return False
+    needs = GENERATOR_NEEDS.get(name)
+    return needs is None or importlib.util.find_spec(needs) is not None
 
 
 def summary_lines(build: Build, times: list[tuple[str, str, float]]) -> list[str]:
@@ -425,8 +460,8 @@ def run_build(args: argparse.Namespace, *, say: Callable[[str], None] = print) -
     build = Build(args, load_build_config(args.config))
     build.out.mkdir(parents=True, exist_ok=True)
     steps = build.steps()
-    if args.diffusion and not _has_generator("diffusion"):
-        say("[build] --diffusion: no diffusion generator in this install; skipped")
+    if build.wants_diffusion and not _has_generator("diffusion"):
+        say('[build] diffusion NG: not in this install (pip install "ngcal[diffusion]"); skipped')
     times: list[tuple[str, str, float]] = []
     for i, step in enumerate(steps, 1):
         say(f"[build {i}/{len(steps)}] {step.name}: {step.what} ...")

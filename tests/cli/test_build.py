@@ -89,3 +89,26 @@ def test_build_needs_train_good_before_any_work(
     assert rc == 2
     assert "train/good" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_diffusion_step_only_when_asked_or_given_real_ng(tmp_path: Path) -> None:
+    """No --diffusion and no --ng: no diffusion step; --ng: a diffusion step that learns from
+    those NG, before calibrate (when the generator and its extra are installed)."""
+    import argparse
+
+    from ngcal.cli.build import Build, _has_generator, load_build_config
+
+    def names(**kw: object) -> list[str]:
+        ns = argparse.Namespace(
+            data=tmp_path, out=tmp_path / "b", ng=None, diffusion=False, force=False
+        )
+        for k, v in kw.items():
+            setattr(ns, k, v)
+        return [s.name for s in Build(ns, load_build_config(None)).steps()]
+
+    assert "diffusion" not in names()
+    if not _has_generator("diffusion"):
+        pytest.skip("diffusion generator or its extra not installed")
+    with_ng = names(ng=tmp_path / "ng")
+    assert with_ng.index("diffusion") == with_ng.index("calibrate") - 1
+    assert "diffusion" in names(diffusion=True)
