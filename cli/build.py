@@ -4,6 +4,7 @@
 
     B/model/        PatchCore model (``ngcal fit``); GLASS score sets under scores/glass/
     B/glass/        GLASS synthetic NG (``ngcal generate glass``): LAS images, contact sheet
+    B/diffusion/    diffusion NG (``ngcal generate diffusion``), with ``--diffusion`` or ``--ng``
     B/thresholds.json, B/report.html   (``ngcal calibrate``: normal + synthetic + real NG)
     B/bundle/       the verified ONNX bundle with its thresholds and evidence (``ngcal export``)
     B/evaluation.json   (``ngcal evaluate`` on the bundle, where D has a labelled test split)
