@@ -97,6 +97,9 @@ class CandidateEvidence(_Strict):
     separation: float = Field(description="AUROC, held-out good vs synthetic NG")
     tpr_at_p99: float = Field(description="synthetic NG share above the good scores' p99")
     ms_per_image: float | None = Field(default=None, description="fit-time scoring cost")
+    beats_default: float | None = Field(
+        default=None, description="share of bootstrap resamples separating better than the default"
+    )
 
 
 class FitChoice(_Strict):

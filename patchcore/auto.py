@@ -22,7 +22,7 @@ from .model import PatchCore, PatchEmbedder
 from .nn_search import nearest
 from .probe_defects import ProbeDefects, paste_defects
 from .rules import ImageRule, image_scores
-from .selection import best, format_table, rule_table
+from .selection import choose, format_table
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,17 @@ def choose_rule(
     defects = ProbeDefects(seed=seed)
     pf = probe_features(fold_models[0].embedder, inputs, defects, batch=batch, device=device)
     ng = fold_distances(fold_models, pf, fold[picks], with_index=with_index)
-    table = rule_table(
+    table, won = choose(
         {r.label: rule_scores(fold_models, held, r) for r in candidates},
         {r.label: rule_scores(fold_models, ng, r) for r in candidates},
+        seed=seed,
     )
-    won = best(table)
-    log.info("image score, held-out good vs synthetic NG:\n%s", format_table(table, won.candidate))
+    log.info("image score, held-out good vs synthetic NG:\n%s", format_table(table, won))
     choice = FitChoice(
         setting="image_score",
-        chosen=won.candidate,
+        chosen=won,
         n_normal=int(feats.shape[0]),
         n_ng=len(picks),
         candidates=tuple(CandidateEvidence(**asdict(e)) for e in table),
     )
-    return next(r for r in candidates if r.label == won.candidate), choice, held
+    return next(r for r in candidates if r.label == won), choice, held

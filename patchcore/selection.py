@@ -5,13 +5,15 @@ separates held-out good images (each scored by the cross-fitting fold bank that 
 it: ``normal_holdout``) from the same kind of images with one small synthetic defect pasted
 in (``probe_defects``), scored by the same fold banks. ``separation`` is the AUROC of the two
 score sets; ``tpr_at_p99`` the share of synthetic NG above the 99th percentile of the
-held-out good scores (the regime a calibrated threshold works in) breaks near-ties.
+held-out good scores (the regime a calibrated threshold works in) is reported beside it. A
+candidate replaces the default (the first) only when it separates better in at least 90%
+of paired bootstrap resamples of the images (``choose``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,8 +29,10 @@ CANDIDATE_RULES = (
     ImageRule("max", 1),
     ImageRule("reweighted_max", 1),
 )
-#: AUROC differences below this count as ties (decided by ``tpr_at_p99``, then order).
-TIE = 0.002
+#: a candidate replaces the default only when its separation beats the default's in at
+#: least this share of bootstrap resamples of the images (paired: same resample for both)
+CONFIDENCE = 0.9
+RESAMPLES = 200
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Evidence:
     separation: float
     tpr_at_p99: float
     ms_per_image: float | None = None
+    #: share of bootstrap resamples in which it separates better than the default
+    beats_default: float | None = None
 
 
 def evidence(
@@ -52,25 +58,61 @@ def evidence(
     return Evidence(candidate, float(sep), tpr, ms_per_image)
 
 
-def best(table: Sequence[Evidence]) -> Evidence:
-    """The candidate with the highest separation; within ``TIE`` of it the highest
-    ``tpr_at_p99``, then the earliest (so the default wins real ties)."""
-    top = max(e.separation for e in table)
-    near = [e for e in table if e.separation >= top - TIE]
-    top_tpr = max(e.tpr_at_p99 for e in near)
-    return next(e for e in near if e.tpr_at_p99 == top_tpr)
+def beats(
+    normal: Mapping[str, np.ndarray],
+    ng: Mapping[str, np.ndarray],
+    candidate: str,
+    default: str,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> float:
+    """Share of paired bootstrap resamples (good and NG images drawn with replacement, the
+    same draw for both) in which ``candidate`` has the higher AUROC than ``default``."""
+    rng = np.random.default_rng(seed)
+    n, m = len(normal[default]), len(ng[default])
+    labels = np.r_[np.zeros(n), np.ones(m)]
+    wins = 0
+    for _ in range(resamples):
+        i, j = rng.integers(0, n, n), rng.integers(0, m, m)
+        a = auroc(labels, np.r_[normal[candidate][i], ng[candidate][j]])
+        b = auroc(labels, np.r_[normal[default][i], ng[default][j]])
+        wins += a > b
+    return wins / resamples
 
 
-def rule_table(normal: Mapping[str, np.ndarray], ng: Mapping[str, np.ndarray]) -> list[Evidence]:
-    """Evidence per rule label, in ``normal``'s order (the labels of ``ImageRule.label``)."""
-    return [evidence(label, normal[label], ng[label]) for label in normal]
+def choose(
+    normal: Mapping[str, np.ndarray], ng: Mapping[str, np.ndarray], *, seed: int = 0
+) -> tuple[list[Evidence], str]:
+    """Evidence per candidate (labels in ``normal``'s order, the first is the default) and
+    the choice: the best-separating candidate that beats the default in at least
+    ``CONFIDENCE`` of the bootstrap resamples, else the default (a difference the sample
+    cannot tell from noise does not move a product off the default)."""
+    labels = list(normal)
+    default = labels[0]
+    table = [evidence(k, normal[k], ng[k]) for k in labels]
+    table = [
+        replace(
+            e,
+            beats_default=None
+            if e.candidate == default
+            else beats(normal, ng, e.candidate, default, seed=seed),
+        )
+        for e in table
+    ]
+    base = table[0].separation
+    better = [e for e in table[1:] if e.separation > base and (e.beats_default or 0) >= CONFIDENCE]
+    chosen = max(better, key=lambda e: e.separation).candidate if better else default
+    return table, chosen
 
 
 def format_table(table: Sequence[Evidence], chosen: str) -> str:
     """The evidence as a small text table (one line per candidate, the choice marked)."""
-    lines = [f"{'candidate':<28} {'separation':>10} {'tpr@p99':>8} {'ms/image':>9}"]
+    head = f"{'candidate':<28} {'separation':>10} {'tpr@p99':>8} {'beats':>6} {'ms/image':>9}"
+    lines = [head]
     for e in table:
         ms = f"{e.ms_per_image:9.1f}" if e.ms_per_image is not None else f"{'-':>9}"
+        won = f"{e.beats_default:6.2f}" if e.beats_default is not None else f"{'-':>6}"
         mark = " <- chosen" if e.candidate == chosen else ""
-        lines.append(f"{e.candidate:<28} {e.separation:10.4f} {e.tpr_at_p99:8.3f} {ms}{mark}")
+        lines.append(f"{e.candidate:<28} {e.separation:10.4f} {e.tpr_at_p99:8.3f} {won} {ms}{mark}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import torch
 
 from ngcal.core.errors import ConfigError
 from ngcal.patchcore.rules import ImageRule, image_scores, pooled, reweight
-from ngcal.patchcore.selection import CANDIDATE_RULES, Evidence, best, evidence
+from ngcal.patchcore.selection import CANDIDATE_RULES, choose, evidence
 
 pytestmark = pytest.mark.torch
 
@@ -54,16 +54,21 @@ def test_rule_labels_and_manifest_k() -> None:
         ImageRule("topk_mean", 0)
 
 
-def test_selection_prefers_separation_then_tpr_then_the_default() -> None:
-    """The best AUROC wins; within the tie margin the higher tpr@p99; real ties keep order."""
-    table = [
-        Evidence("topk_mean_10", 0.950, 0.5),
-        Evidence("max", 0.990, 0.6),
-        Evidence("topk_mean_3", 0.9895, 0.7),
-    ]
-    assert best(table).candidate == "topk_mean_3"
-    tied = [Evidence("topk_mean_10", 0.99, 0.7), Evidence("max", 0.99, 0.7)]
-    assert best(tied).candidate == "topk_mean_10"
+def test_choice_leaves_the_default_only_on_clear_evidence() -> None:
+    """A candidate that separates clearly better replaces the default; one whose advantage
+    is within the noise of the sample does not (the default comes first in the table)."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0.0, 1.0, 300)
+    ng = rng.normal(1.0, 1.0, 80)
+    noisy = ng + rng.normal(0.0, 0.05, 80)  # the same evidence, jittered
+    table, chosen = choose(
+        {"default": normal, "clear": normal, "noise": normal},
+        {"default": ng, "clear": ng + 2.0, "noise": noisy},
+    )
+    assert chosen == "clear" and [e.candidate for e in table] == ["default", "clear", "noise"]
+    assert table[0].beats_default is None and table[1].beats_default == 1.0
+    _, chosen = choose({"default": normal, "noise": normal}, {"default": ng, "noise": noisy})
+    assert chosen == "default"
     assert CANDIDATE_RULES[0] == ImageRule()  # the default rule comes first
 
 
