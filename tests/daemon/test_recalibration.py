@@ -413,3 +413,48 @@ def test_an_applied_threshold_states_the_audited_escape_rate(tmp_path):
     assert keeper.state.history[-1] == keeper.current  # the stored history holds the notes
     assert json.loads(threshold_payload(keeper.current))["notes"]["escape_rate"] == 0.25
     store.close()
+
+
+def test_with_the_stream_the_device_still_equals_offline_calibrate(tmp_path):
+    """Stream on (the default): the keeper's threshold equals `ngcal calibrate --real-ng
+    NG --scores OK` where OK holds the confirmed OKs and the unlabelled verdicts."""
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", threshold=0.5, n_normal=200)
+    rng = np.random.default_rng(5)
+    save_scoreset(
+        bundle_dir / "scores" / "glass_image.json",
+        sset("glass_image", rng.uniform(0.6, 1.2, 60).tolist()),
+    )
+    store = Store(tmp_path / "state")
+    cfg = RecalibrationConfig(min_real_ng=3, max_step=1e6, hysteresis=0.0)
+    keeper = ThresholdKeeper(
+        store, tmp_path / "state", open_bundle(bundle_dir), cfg, Topics("n", "d")
+    )
+    scores = rng.uniform(0.0, 0.9, 60)
+    vs = [verdict(f"m{i}", f"s{i}", "OK", float(x), float(i), False) for i, x in enumerate(scores)]
+    store.record_verdicts([(v, Outbound("t", v.payload(), v.msg_id)) for v in vs])
+    labels = {0: "NG", 1: "NG", 2: "NG", 3: "OK", 4: "OK"}
+    with store.tx() as c:
+        for i, lab in labels.items():
+            add_confirmation(
+                c, f"r{i}", msg_id=f"m{i}", sha256=f"s{i}", label=lab,
+                score=float(scores[i]), operator="qa",
+            )  # fmt: skip
+    assert keeper.recalibrate(actor="test").applied
+    ng_dir, ok_file = tmp_path / "ng", tmp_path / "ok.json"
+    ng_dir.mkdir()
+    ng = [0, 1, 2]
+    save_scoreset(
+        ng_dir / "real_ng.json",
+        ScoreSet("real_ng", scores[ng], tuple(f"s{i}" for i in ng), model_sha256=SHA),
+    )
+    ok = [3, 4] + [i for i in reversed(range(60)) if i not in labels]  # stream: newest first
+    save_scoreset(
+        ok_file, ScoreSet("real_ok", scores[ok], tuple(f"s{i}" for i in ok), model_sha256=SHA)
+    )
+    out = tmp_path / "t.json"
+    argv = ["calibrate", "--model", str(bundle_dir), "--real-ng", str(ng_dir)]
+    assert ngcal_main([*argv, "--scores", str(ok_file), "--out", str(out)]) == 0
+    offline = load_thresholds(out)
+    assert keeper.current.value == offline.value
+    assert offline.evidence["real_ok"] == 57 and keeper.current.evidence["real_ok"] == 57
+    store.close()
