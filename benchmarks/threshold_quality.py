@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats
 
 from ngcal.calibration.estimate import calibrate
+from ngcal.calibration.policy import PolicyConfig, PolicyState, recalibrate
 from ngcal.core.dataset import load_category
 from ngcal.core.files import atomic_write_json, read_json
 from ngcal.core.manifest import manifest_sha256
@@ -180,6 +181,26 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, t: float) -> dict[str, floa
     return out
 
 
+def device_matches_offline(evidence: list[ScoreSet], offline: float) -> bool:
+    """The daemon's policy on the bundle's evidence (file order) + the real NG, vs offline.
+
+    The bundle holds the normal and synthetic sets the first threshold was calibrated on
+    (``ngcal export --thresholds`` copies them, read back sorted by file name); the
+    confirmed NG are the repeat's k real NG. True when the policy's proposal is the offline
+    ``calibrate`` value exactly.
+    """
+    shipped = sorted((e for e in evidence if e.source != "real_ng"), key=lambda e: e.file_name)
+    real = [e for e in evidence if e.source == "real_ng"]
+    first = calibrate(shipped, mode="cost", n_boot=0)
+    decision = recalibrate(
+        PolicyState.initial(first),
+        [*shipped, *real],
+        PolicyConfig(min_real_ng=1, n_boot=0),
+        actor="benchmark",
+    )
+    return decision.proposed is not None and decision.proposed.value == offline
+
+
 def one_repeat(
     k: int,
     rng: np.random.Generator,
@@ -250,6 +271,19 @@ def one_repeat(
             row[f"cost_fnr_{c:g}"] = ev["fnr"]
             regret += ev[f"regret_{c:g}"]
         row["cost_regret"] = regret
+        # Stated rates of the default operating point's threshold, against what happened.
+        t = calibrate(evidence, mode="cost", **kw)
+        ev = evaluate(y, s, t.value)
+        fnr, fpr = t.expected_fnr, t.expected_fpr
+        if fnr is not None and fnr.low is not None and fnr.high is not None:
+            row["miss_covered"] = float(fnr.low <= ev["fnr"] <= fnr.high)
+            row["miss_stated"] = float(fnr.value or 0.0)
+            row["miss_realised"] = ev["fnr"]
+            row["miss_interval_width"] = fnr.high - fnr.low
+        if fpr is not None and fpr.high is not None:
+            row["fpr_covered"] = float(ev["fpr"] <= fpr.high)
+        if k:
+            row["device_matches_offline"] = float(device_matches_offline(evidence, t.value))
         # Reference, not a method: the same cost rule given every test defect as confirmed
         # NG (no synthetic), i.e. the regret left when the NG distribution is known and
         # only the normal side and the finite evaluation split remain.
@@ -271,6 +305,8 @@ def one_repeat(
     row.update(
         p99_f1_gap=ev["f1_gap"], p99_regret=ev["regret"], p99_fpr=ev["fpr"], p99_fnr=ev["fnr"]
     )
+    for c in COSTS:
+        row[f"p99_regret_{c:g}"] = ev[f"regret_{c:g}"]
     # Baseline 2: anomalib synthetic validation (F1-max on clean + Perlin held-out images).
     val_y = np.r_[np.zeros(calib_good.size), np.ones(pv_calib.size)]
     t_syn = f1_max(val_y, np.r_[scores[calib_good], pv_calib]).threshold
@@ -320,8 +356,17 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, Any]:
         "baseline_synthetic_val_f1_gap_median": med("syn_f1_gap"),
         "baseline_synthetic_val_cost_regret_median": med("syn_regret"),
         "baseline_synthetic_val_fpr_median": med("syn_fpr"),
+        "miss_interval_coverage": mean("miss_covered"),
+        "fpr_interval_coverage": mean("fpr_covered"),
+        "miss_rate_stated_median": med("miss_stated"),
+        "miss_rate_realised_median": med("miss_realised"),
+        "miss_interval_width_median": med("miss_interval_width"),
+        "baseline_p99_cost_regret_10_median": med("p99_regret_10"),
+        "baseline_p99_cost_regret_100_median": med("p99_regret_100"),
         "repeats": len(rows),
     }
+    if any("device_matches_offline" in r for r in rows):
+        out["device_matches_offline_rate"] = mean("device_matches_offline")
     return out
 
 
@@ -331,7 +376,21 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     regret0, regret2 = k0["cost_regret_median"], k2["cost_regret_median"]
     if regret0 is None or regret2 is None:
         return {"note": "no NG evidence: cost and F1 goals not measurable"}
+    ks = [result[f"k{k}"] for k in KS]
     return {
+        "miss_interval_coverage_ge_0.9_at_k_ge_1": int(
+            all((r["miss_interval_coverage"] or 0) >= 0.9 for r in ks[1:])
+        ),
+        "miss_interval_coverage_ge_0.8_at_k0": int((k0["miss_interval_coverage"] or 0) >= 0.8),
+        "fpr_interval_coverage_ge_0.95": int(
+            all((r["fpr_interval_coverage"] or 0) >= 0.95 for r in ks)
+        ),
+        "k0_cost_regret_no_worse_than_p99_at_each_cost_ratio": int(
+            all(
+                k0[f"cost_regret_{c:g}_median"] <= k0[f"baseline_p99_cost_regret_{c:g}_median"]
+                for c in COSTS
+            )
+        ),
         "k0_fpr_bound_hold_rate_ge_0.95": int(k0["fpr_bound_hold_rate"] >= 0.95),
         "k0_cost_regret_below_each_baseline": int(
             regret0 < k0["baseline_p99_cost_regret_median"]
@@ -427,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"k={k}: {json.dumps({a: result[f'k{k}'][a] for a in list(result[f'k{k}'])[:8]})}")
     if args.sensitivity:
         result["sensitivity"] = sensitivity(args, ts, perlin, model_sets, glass)
+    result["device_recalibration_matches_offline"] = all(
+        result[f"k{k}"].get("device_matches_offline_rate") == 1.0 for k in KS if k
+    )
     result["goals"] = goals(result)
     labels = np.asarray(ts["labels"])
     result["model_sha256"] = sha
@@ -463,6 +525,14 @@ def main(argv: list[str] | None = None) -> int:
         "left when the NG distribution is known, a floor for any NG fusion",
         "miss_rate": f"miss_rate mode with target {MISS_RATE} on the fused NG evidence; "
         "miss_rate_median is the realised miss rate on evaluation defects",
+        "stated_rates": "cost mode at the default operating point (prevalence "
+        f"{PREVALENCE}, cost ratio {COSTS[0]:g}): miss_interval_coverage = share of repeats "
+        "whose realised miss rate on the evaluation defects lies in the stated "
+        "expected_fnr interval; fpr_interval_coverage = share whose realised FPR on the "
+        "evaluation half is <= the stated FPR bound (expected_fpr.high)",
+        "device_recalibration_matches_offline": "k >= 1: the policy (the daemon's "
+        "recalibrate) on the shipped normal + synthetic sets plus the k real NG proposes "
+        "exactly the offline calibrate value, in every repeat",
         "baseline_p99": "99th percentile of the calibration half's normal scores",
         "baseline_synthetic_val": "anomalib-style: one Perlin anomaly pasted into each "
         "calibration-half good image; threshold = F1-max on clean "

@@ -28,7 +28,7 @@ from ngcal.core.errors import ConfigError, DataError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import Interval, OperatingPoint, ScoreSetRef, ThresholdFile
 
-from . import fusion, ng, normal
+from . import fusion, ng, normal, statements
 
 MODES: tuple[str, ...] = ("target_fpr", "f1", "cost", "miss_rate")
 DEFAULT_MODE = "cost"
@@ -243,6 +243,29 @@ MODE_RULES: dict[str, ModeRule] = {
 }
 
 
+def stated_rates(
+    ev: fusion.FusedEvidence,
+    scoresets: Sequence[ScoreSet],
+    threshold: float,
+    o: CalibrationOptions,
+) -> tuple[Interval, Interval, dict[str, Interval]]:
+    """(FPR guarantee, headline miss rate, miss rate per NG evidence kind) at ``threshold``.
+
+    See :mod:`ngcal.calibration.statements`; the leave-one-out refits rerun ``o.mode``'s
+    rule without the bootstrap.
+    """
+    quick = replace(o, n_boot=0)
+
+    def refit(sets: Sequence[ScoreSet]) -> float:
+        e = fusion.fuse(sets, prior_pseudo_count=o.prior_pseudo_count, normal_rule=o.normal_rule)
+        return MODE_RULES[o.mode](e, sets, quick)[0]
+
+    fpr = statements.fpr_guarantee(ev.normal_groups, ev.normal_names, threshold, o.level)
+    _, fused = rate_intervals(ev, threshold, level=o.level)
+    by_source = statements.miss_statements(scoresets, threshold, refit, o.level)
+    return fpr, statements.headline(by_source, fused), by_source
+
+
 def calibrate(
     scoresets: Sequence[ScoreSet],
     options: CalibrationOptions | None = None,
@@ -283,9 +306,10 @@ def calibrate(
             f"mode {o.mode!r} needs NG evidence (synthetic glass/diffusion or real_ng score "
             "sets); none was given. Use mode 'target_fpr' or add NG score sets."
         )
-    value, method, mode_notes = MODE_RULES[o.mode](ev, scoresets, o)
+    rule = MODE_RULES[o.mode]
+    value, method, mode_notes = rule(ev, scoresets, o)
     notes.update(mode_notes)
-    fpr, fnr = rate_intervals(ev, value, level=o.level)
+    fpr, fnr, by_source = stated_rates(ev, scoresets, value, o)
     return ThresholdFile(
         value=float(value),
         version=prov.version,
@@ -298,6 +322,7 @@ def calibrate(
         expected_fnr=fnr,
         evidence=dict(sorted(ev.counts.items())),
         scoresets=scoreset_refs(scoresets),
+        miss_rate_by_source=by_source,
         model_sha256=_model_sha(scoresets, prov.model_sha256),
         parent_version=prov.parent_version,
         created_at=prov.now or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

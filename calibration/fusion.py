@@ -124,6 +124,8 @@ class FusedEvidence:
     synthetic_weight: float
     components: dict[str, float]
     counts: dict[str, int]
+    #: one name per normal group: the pooled sources joined by '+', then each source
+    normal_names: tuple[str, ...] = ()
 
 
 def fuse(
@@ -155,11 +157,13 @@ def fuse(
         if s.source in NORMAL_SOURCES and len(s):
             by_source.setdefault(s.source, []).append(s.scores)
     groups = [normal] if normal.size else []
+    names = ["+".join(sorted(by_source))] if normal.size else []
     if normal_rule == "max" and len(by_source) > 1:
-        for parts in by_source.values():
+        for name, parts in by_source.items():
             x = np.concatenate(parts)
             if x.size >= MIN_SOURCE_SIZE:
                 groups.append(x)
+                names.append(name)
     real_parts = [s.scores for s in scoresets if s.source == "real_ng" and len(s)]
     real = np.concatenate(real_parts) if real_parts else np.zeros(0)
     syn = [s for s in scoresets if s.source in SYNTHETIC_SOURCES and len(s)]
@@ -192,6 +196,7 @@ def fuse(
         synthetic_weight=w_syn,
         components=components,
         counts=counts,
+        normal_names=tuple(names),
     )
 
 

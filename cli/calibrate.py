@@ -204,12 +204,22 @@ def run(args: argparse.Namespace) -> int:
 
         title = args.title or f"ngcal calibration: {root.resolve().name}"
         write_report(args.report, sets, t, title=title)
+    from ngcal.calibration.statements import WARN_MISS_RATE, sentence
     from ngcal.cli.readable import rate
 
     print(
         f"threshold {t.value:.6g} ({t.mode}, {t.method}); expected FPR {rate(t.expected_fpr)}, "
         f"miss rate {rate(t.expected_fnr)}"
     )
+    print(sentence(t))
+    fnr = t.expected_fnr.value if t.expected_fnr else None
+    if fnr is not None and fnr > WARN_MISS_RATE:
+        ratio = t.operating_point.cost_ratio if t.operating_point else args.cost_ratio
+        print(
+            f"warning: about {fnr:.0%} of defects would pass (above {WARN_MISS_RATE:.0%}); "
+            f"raise --cost-ratio (now {ratio:g}) to catch more at the price of more false "
+            "rejects, or add confirmed defects with --real-ng to measure it"
+        )
     print(
         f"evidence: {t.evidence}; wrote {args.out} (score sets in {evidence_dir}/)"
         + (f" and {args.report}" if args.report else "")

@@ -85,3 +85,22 @@ def test_calibrate_rejects_bad_prevalence(
         ["calibrate", "--model", str(model), "--prevalence", "2", "--out", str(tmp_path / "t.json")]
     )
     assert rc == 2 and "--prevalence" in capsys.readouterr().err
+
+
+def test_calibrate_states_the_trade_off_and_warns_on_many_misses(
+    tmp_path: Path, simulated: Callable[..., list[ScoreSet]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plain sentence is printed; a miss rate above 20% warns and names --cost-ratio,
+    and a higher cost ratio moves the threshold so that the warning goes away."""
+    sets = simulated(real_mu=1.0)
+    model = _model_dir(tmp_path / "model", sets)
+    out = tmp_path / "t.json"
+    assert main(["calibrate", "--model", str(model), "--cost-ratio", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "At this threshold expect about" in text and "guarantee" in text
+    assert "warning:" in text and "--cost-ratio" in text
+    assert (tmp_path / "t.scores").is_dir()
+    assert (
+        main(["calibrate", "--model", str(model), "--cost-ratio", "1000", "--out", str(out)]) == 0
+    )
+    assert "warning:" not in capsys.readouterr().out

@@ -17,6 +17,7 @@ KEYS = {
     "fpr_bound_hold_rate", "f1_gap_median", "cost_regret_median", "miss_rate_median",
     "baseline_p99_f1_gap_median", "baseline_p99_cost_regret_median",
     "baseline_synthetic_val_f1_gap_median", "baseline_synthetic_val_cost_regret_median",
+    "miss_interval_coverage", "fpr_interval_coverage",
 }  # fmt: skip
 
 
@@ -63,3 +64,7 @@ def test_benchmark_prints_the_issue_keys(tmp_path: Path) -> None:
         assert 0.0 <= out[k]["fpr_bound_hold_rate"] <= 1.0
         assert out[k]["cost_regret_median"] >= 0.0 and out[k]["f1_gap_median"] >= 0.0
     assert out["protocol"]["repeats"] == 3
+    for k in ("k0", "k1", "k2", "k5"):
+        assert 0.0 <= out[k]["miss_interval_coverage"] <= 1.0
+    # the policy and the offline command agree on the same evidence
+    assert out["device_recalibration_matches_offline"] is True
