@@ -419,9 +419,13 @@ def _has_generator(name: str) -> bool:
     return needs is None or importlib.util.find_spec(needs) is not None
 
 
+def _auroc(x: float | None) -> str:
+    return "n/a" if x is None else f"{float(x):.3f}"
+
+
 def summary_lines(build: Build, times: list[tuple[str, str, float]]) -> list[str]:
     """The end-of-build summary: a step table, then quality and the threshold's trade-off."""
-    from ngcal.cli.readable import num, pct, seconds, table, trade_off
+    from ngcal.cli.readable import pct, seconds, table, trade_off
     from ngcal.core.thresholds import load_thresholds
 
     rows = [[name, how, seconds(s)] for name, how, s in times]
@@ -434,7 +438,7 @@ def summary_lines(build: Build, times: list[tuple[str, str, float]]) -> list[str
         e = json.loads(ev.read_text(encoding="utf-8"))
         lines.append(
             f"On the labelled test split ({e.get('n_test')} images): image AUROC "
-            f"{num(e.get('image_auroc'), sig=3)}; at this threshold {pct(e.get('fpr'))} of "
+            f"{_auroc(e.get('image_auroc'))}; at this threshold {pct(e.get('fpr'))} of "
             f"good parts rejected, {pct(e.get('fnr'))} of defective ones missed."
         )
     else:
