@@ -148,6 +148,12 @@ def bundle_problems(cfg: DaemonConfig) -> list[str]:
         if not cfg.recalibration.accept_manual_thresholds:
             return [f"bundle: {_first_line(e)} (set {MANUAL_FLAG}: true to accept it)"]
     out: list[str] = []
+    if bundle.thresholds is None and not _state_holds_threshold(cfg, bundle.model_sha256):
+        out.append(
+            f"bundle: {cfg.bundle} has no thresholds.json and {cfg.state_dir} holds no "
+            f"threshold for model {bundle.model_sha256[:12]}...; run `ngcal calibrate` and "
+            "`ngcal export --thresholds`"
+        )
     try:
         scorer = open_scorer(
             bundle,
@@ -161,6 +167,21 @@ def bundle_problems(cfg: DaemonConfig) -> list[str]:
     else:
         scorer.close()
     return out
+
+
+def _state_holds_threshold(cfg: DaemonConfig, model_sha256: str) -> bool:
+    """True when the state folder's policy state (the daemon's exported copy) is this model's."""
+    from ngcal.calibration.policy import PolicyState
+    from ngcal.core.files import read_json
+
+    path = cfg.state_dir / "policy_state.json"
+    if not path.is_file():
+        return False
+    try:
+        current = PolicyState.from_json(read_json(path)).current
+    except NgcalError:
+        return False
+    return current.model_sha256 in ("", model_sha256)
 
 
 def all_problems(cfg: DaemonConfig) -> list[str]:

@@ -154,3 +154,32 @@ def test_startup_summary_line_is_logged_at_info(tmp_path, broker, daemon_process
     assert f"cam1={tmp_path / 'watch' / 'cam1'}" in line and "cam2=" in line
     assert f"broker 127.0.0.1:{broker.port} TLS off" in line
     assert "WARNING" not in d.log()  # a clean start needs nobody's attention
+
+
+def test_a_bundle_without_thresholds_needs_a_stored_one(tmp_path, tiny_bundle):
+    """No thresholds.json in the bundle is a problem unless the state folder already holds
+    this model's threshold (what `serve` would start from)."""
+    import shutil
+
+    from ngcal.core.bundle import open_bundle
+    from ngcal.daemon.messages import Topics
+    from ngcal.daemon.recalibration import ThresholdKeeper
+    from ngcal.daemon.store import Store
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_bundle, bare)
+    (bare / "thresholds.json").unlink()
+    (tmp_path / "cam").mkdir()
+    p = tmp_path / "d.yaml"
+    p.write_text(
+        f"device_id: b\nbundle: {bare}\nstate_dir: state\ncameras:\n  - id: c\n    watch: cam\n"
+    )
+    cfg = load_config(p)
+    problems = all_problems(cfg)
+    assert len(problems) == 1 and "has no thresholds.json" in problems[0]
+    store = Store(cfg.state_dir)  # a daemon that ran before with the full bundle
+    ThresholdKeeper(
+        store, cfg.state_dir, open_bundle(tiny_bundle), cfg.recalibration, Topics("n", "b")
+    )
+    store.close()
+    assert all_problems(cfg) == []
