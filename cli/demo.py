@@ -56,7 +56,7 @@ class Part:
 
 
 def pick_parts(data: Path, faint_dir: Path, *, seed: int) -> list[Part]:
-    """Six good and six defective test images (two of each defect), and one faint defect of
+    """Ten good and six defective test images (two of each defect), and one faint defect of
     each kind (what a line tends to miss), in a seeded order."""
     import numpy as np
     from PIL import Image
@@ -65,7 +65,7 @@ def pick_parts(data: Path, faint_dir: Path, *, seed: int) -> list[Part]:
 
     parts: list[Part] = []
     for kind_dir in sorted((data / "test").iterdir()):
-        take = 6 if kind_dir.name == "good" else 2
+        take = 10 if kind_dir.name == "good" else 2
         for i, f in enumerate(sorted(kind_dir.glob("*.png"))[:take]):
             parts.append(Part(f"part{len(parts):02d}_{kind_dir.name}{i}.png", f, kind_dir.name))
     faint_dir.mkdir(parents=True, exist_ok=True)

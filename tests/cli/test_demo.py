@@ -36,7 +36,7 @@ def test_demo_builds_serves_confirms_and_recalibrates(
     assert bundle.thresholds is not None
     assert "<title>ngcal calibration: demo part" in (out / "build" / "report.html").read_text()
     rows = [line for line in text.splitlines() if line.startswith("  part")]
-    assert len(rows) == 15  # 6 good, 6 defective, 3 faint defects: every verdict arrived
+    assert len(rows) == 19  # 10 good, 6 defective, 3 faint defects: every verdict arrived
     assert text.count("ack accepted") >= 4  # confirmations of NG and of a good part
     assert "[demo] recalibration" in text and "guard rails (" in text
     assert "of good parts" in text and "%" in text  # rates in words and percentages
