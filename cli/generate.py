@@ -26,11 +26,16 @@ def _floats(text: str) -> tuple[float, ...]:
     return vals
 
 
-def add_glass_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``ngcal generate glass``."""
+def _add_inputs(p: argparse.ArgumentParser, out_help: str) -> None:
+    """``--model``, ``--data`` and ``--out``, which every generator takes."""
     p.add_argument("--model", required=True, help="fitted model directory (ngcal fit)")
     p.add_argument("--data", required=True, help="category folder (MVTec layout, train/good)")
-    p.add_argument("--out", required=True, help="output folder (score sets, LAS images, sheet)")
+    p.add_argument("--out", required=True, help=out_help)
+
+
+def add_glass_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``ngcal generate glass``."""
+    _add_inputs(p, "output folder (score sets, LAS images, sheet)")
     p.add_argument(
         "--severities",
         type=_floats,
@@ -107,9 +112,7 @@ def run_glass(args: argparse.Namespace) -> int:
 
 def add_diffusion_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``ngcal generate diffusion``."""
-    p.add_argument("--model", required=True, help="fitted model directory (ngcal fit)")
-    p.add_argument("--data", required=True, help="category folder (MVTec layout, train/good)")
-    p.add_argument("--out", required=True, help="output folder (score set, images, index, sheet)")
+    _add_inputs(p, "output folder (score set, images, index, sheet)")
     p.add_argument(
         "--ng",
         action="append",
