@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--glass", type=Path, default=REPO / "runs" / "h4" / "glass")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "diffusion_bench")
     p.add_argument("--quick", action="store_true", help="fewer targets and training steps")
+    p.add_argument("--train-steps", type=int, default=None, help="override the fewshot steps")
     p.add_argument("--per-type", type=int, default=2, help="real NG given per defect type")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     count = (6 if args.quick else 16) * n_types
     fewshot = FewShotConfig(
         crop=32,
-        train_steps=300 if args.quick else 1200,
+        train_steps=args.train_steps or (300 if args.quick else 1200),
         sample_steps=20 if args.quick else 40,
         seed=args.seed,
     )
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu",
         fewshot=fewshot,
     )
-    out = args.work / f"gen_{'quick' if args.quick else 'full'}_s{args.seed}"
+    tag = f"{'quick' if args.quick else 'full'}{args.train_steps or ''}"
+    out = args.work / f"gen_{tag}_s{args.seed}"
     say(f"generating {count} targets from {len(refs)} real NG ({n_types} types) into {out}")
     t0 = time.time()
     res = generate_diffusion(args.model, args.data, out, options, progress=True, references=refs)
