@@ -10,6 +10,9 @@ Guard rails, in the order they are checked by :func:`recalibrate`:
 2. the evidence must belong to the current model (score sets naming another sha256);
 3. the proposal is :func:`ngcal.calibration.estimate.calibrate` on the evidence;
 4. hysteresis: a proposed move smaller than ``hysteresis * |current|`` is not applied;
+   in mode ``cost``, neither is a move whose expected cost gain is not above its own
+   uncertainty (:func:`cost_gain`: the ``1 - gain_level`` bootstrap quantile of the gain
+   must be > 0), so a flat cost curve cannot make the threshold swing;
 5. maximum step: the applied value moves at most ``max_step * |current|`` (exactly: the
    clamp is corrected by one ulp where float rounding would overshoot);
 6. dry run: everything is computed and audited, nothing is applied.
@@ -26,13 +29,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import ValidationError
 
 from ngcal.core.errors import ArtifactError, ConfigError, NgcalError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import OperatingPoint, ThresholdFile
 
-from . import estimate, fusion
+from . import estimate, fusion, ng
 
 POLICY_STATE_SCHEMA = "ngcal.policy_state/1"
 
@@ -54,6 +58,9 @@ class PolicyConfig:
     prior_pseudo_count: float = fusion.DEFAULT_PRIOR_PSEUDO_COUNT
     normal_rule: str = "max"
     n_boot: int = 200
+    #: confidence that a move lowers the expected cost (mode cost); 0 turns the check off
+    gain_level: float = 0.9
+    gain_boot: int = 200
 
     def __post_init__(self) -> None:
         if self.min_real_ng < 0 or self.min_real_ok < 0:
@@ -66,6 +73,8 @@ class PolicyConfig:
             raise ConfigError(f"normal_rule={self.normal_rule!r} is not 'max' or 'pooled'")
         if self.mode not in estimate.MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {estimate.MODES}")
+        if not 0.0 <= self.gain_level < 1.0:
+            raise ConfigError(f"gain_level={self.gain_level!r} must be in [0, 1)")
 
     def options(self) -> estimate.CalibrationOptions:
         """The calibration options these guard rails propose with."""
@@ -219,11 +228,61 @@ def _audit(
     }
 
 
+def evidence_has_ng(evidence: Sequence[ScoreSet]) -> bool:
+    """True when some score set is NG evidence (synthetic or real)."""
+    return any(s.is_ng and len(s) for s in evidence)
+
+
 def _counts(evidence: Sequence[ScoreSet]) -> dict[str, int]:
     out: dict[str, int] = {}
     for s in evidence:
         out[s.source] = out.get(s.source, 0) + len(s)
     return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class CostGain:
+    """Expected cost per part saved by moving ``old`` -> ``new`` (false-reject units).
+
+    ``mean`` on the evidence itself, ``low`` the ``1 - level`` quantile over bootstrap
+    resamples of the normal groups and of the NG sample (within each weighted group).
+    """
+
+    mean: float
+    low: float
+    level: float
+
+
+def cost_gain(
+    evidence: Sequence[ScoreSet],
+    old: float,
+    new: float,
+    config: PolicyConfig,
+    *,
+    seed: int = 0,
+) -> CostGain:
+    """How much the move lowers the expected cost at the operating point, and how surely."""
+    ev = fusion.fuse(
+        evidence, prior_pseudo_count=config.prior_pseudo_count, normal_rule=config.normal_rule
+    )
+    op = config.operating_point
+    t = np.asarray([old, new])
+
+    def gain(groups: Sequence[np.ndarray], sample: ng.NgSample) -> float:
+        c = ng.cost_at(ng.fpr_at(groups, t), sample.tpr(t), op.prevalence, op.cost_ratio)
+        return float(c[0] - c[1])
+
+    point = gain(ev.normal_groups, ev.ng)
+    rng = np.random.default_rng(seed)
+    boots = [
+        gain(
+            [rng.choice(x, size=x.size, replace=True) for x in ev.normal_groups],
+            ev.ng.resample(rng),
+        )
+        for _ in range(config.gain_boot)
+    ]
+    low = float(np.quantile(boots, 1.0 - config.gain_level)) if boots else point
+    return CostGain(mean=point, low=low, level=config.gain_level)
 
 
 def recalibrate(
@@ -299,6 +358,15 @@ def recalibrate(
             proposed,
         )
     value = clamp_step(old.value, proposed.value, config.max_step)
+    if config.mode == "cost" and config.gain_level > 0 and evidence_has_ng(evidence):
+        g = cost_gain(evidence, old.value, value, config)
+        if g.low <= 0.0:
+            return decide(
+                "unchanged",
+                f"expected cost gain {g.mean:.3g} per part is not above its uncertainty "
+                f"({g.level:.0%} lower bound {g.low:.3g})",
+                proposed,
+            )
     clamped = value != proposed.value
     fpr, fnr = (proposed.expected_fpr, proposed.expected_fnr)
     if clamped:

@@ -1,8 +1,10 @@
 """HTML calibration report: why the threshold is where it is, with embedded PNG plots.
 
-Sections: the threshold and its evidence; score histograms per source with the threshold
-line; ROC curves of normal vs synthetic NG and vs real NG; the expected FPR and miss rate
-with their intervals; and, when real NG exists, the synthetic-vs-real gap (empirical CDFs,
+Sections: the threshold, the plain sentence and what each stated rate rests on; the
+trade-off curve (good parts rejected against defects passed, per NG source, the chosen
+point with its intervals); score histograms per source with the threshold line; ROC
+curves of normal vs synthetic NG and vs real NG; the expected FPR and miss rate with
+their intervals; and, when real NG exists, the synthetic-vs-real gap (empirical CDFs,
 Kolmogorov-Smirnov and Wasserstein distances, AUROC of each NG source).
 
 Matplotlib is imported inside the functions (object API with the Agg canvas, no pyplot
@@ -28,6 +30,7 @@ from ngcal.core.scoresets import NORMAL_SOURCES, SYNTHETIC_SOURCES, ScoreSet
 from ngcal.core.thresholds import Interval, ThresholdFile
 
 from .fusion import component_name
+from .statements import sentence
 
 #: sources with fewer scores than this are drawn as ticks (a rug) instead of a histogram
 RUG_BELOW = 20
@@ -141,6 +144,56 @@ def rates_png(t: ThresholdFile) -> str:
     return _png(fig)
 
 
+def tradeoff_png(scoresets: Sequence[ScoreSet], t: ThresholdFile) -> str:
+    """The whole trade-off: good parts rejected against defects passed, per NG source.
+
+    One curve per NG evidence source over every threshold (normal scores pooled), the
+    chosen threshold marked on each, with the stated FPR bound (horizontal bar) and each
+    source's stated miss-rate interval (vertical bar).
+    """
+    groups = _by_source(scoresets)
+    normal = np.concatenate([x for k, x in groups.items() if k in NORMAL_SOURCES] or [np.zeros(0)])
+    fig = _figure(6.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    if normal.size:
+        floor = 0.5 / normal.size
+        by = t.miss_rate_by_source
+        for src, y in groups.items():
+            if src in NORMAL_SOURCES:
+                continue
+            grid = np.unique(np.r_[normal, y])
+            fpr = np.asarray([np.mean(normal >= g) for g in grid])
+            miss = np.asarray([np.mean(y < g) for g in grid])
+            color = _COLORS.get(src)
+            ax.step(
+                np.maximum(fpr, floor), miss, where="post", label=f"{src} (n={y.size})", color=color
+            )
+            fx = max(float(np.mean(normal >= t.value)), floor)
+            fy = float(np.mean(y < t.value))
+            iv = by.get("real_ng" if src == "real_ng" else "synthetic")
+            yerr = None
+            if iv is not None and iv.low is not None and iv.high is not None:
+                yerr = [[max(fy - iv.low, 0.0)], [max(iv.high - fy, 0.0)]]
+            ax.errorbar([fx], [fy], yerr=yerr, fmt="o", color=color, capsize=4)
+        f = t.expected_fpr
+        if f is not None and f.value is not None and f.high is not None:
+            ax.errorbar(
+                [max(f.value, floor)],
+                [-0.03],
+                xerr=[[0.0], [max(f.high - max(f.value, floor), 0.0)]],
+                fmt="v",
+                color="black",
+                capsize=4,
+                label=f"chosen: FPR bound {f.high:.2%} ({f.kind or 'interval'})",
+            )
+        ax.set_xscale("log")
+    ax.set_xlabel("good parts rejected (FPR, log scale)")
+    ax.set_ylabel("defects passed (miss rate)")
+    ax.set_ylim(-0.06, 1.02)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def gap_rows(scoresets: Sequence[ScoreSet]) -> list[dict[str, float | str]]:
     """Per synthetic component: KS statistic and Wasserstein distance to the real NG scores."""
     real = [s.scores for s in scoresets if s.source == "real_ng" and len(s)]
@@ -223,8 +276,22 @@ def render_html(scoresets: Sequence[ScoreSet], t: ThresholdFile, *, title: str) 
         f"<h1>{e(title)}</h1>",
         f"<p><b>Threshold {t.value:.6g}</b> (version {t.version}, mode {e(t.mode)}, "
         f"method {e(t.method)}). {e(_why(t))}</p>",
+        f"<p>{e(sentence(t))}</p>",
         f"<p>Expected FPR: {e(_iv(t.expected_fpr))}<br>Expected miss rate: "
         f"{e(_iv(t.expected_fnr))}</p>",
+        "<table><tr><th>rate</th><th>kind</th><th>rests on</th></tr>",
+        *(
+            f"<tr><td>{e(name)}: {e(_iv(iv))}</td><td>{e(str(iv.kind))}</td>"
+            f"<td>{e(str(iv.basis))}</td></tr>"
+            for name, iv in (
+                ("false rejects", t.expected_fpr),
+                *((f"misses ({k})", v) for k, v in t.miss_rate_by_source.items()),
+            )
+            if iv is not None
+        ),
+        "</table>",
+        "<h2>Trade-off</h2>",
+        img("trade-off", tradeoff_png(scoresets, t)),
         f"<p>Model sha256: <code>{e(t.model_sha256 or 'unknown')}</code>; created "
         f"{e(t.created_at)} by {e(t.created_by)}</p>",
         "<h2>Score distributions</h2>",

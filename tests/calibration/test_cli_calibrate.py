@@ -73,7 +73,7 @@ def test_calibrate_writes_thresholds_and_report(
     assert t.model_sha256 == sha256_file(model / "manifest.json")
     assert t.evidence["real_ng"] == 3 and t.mode == "cost"
     assert t.operating_point is not None and t.operating_point.cost_ratio == 100
-    assert rep.read_text().count("data:image/png") == 4
+    assert rep.read_text().count("data:image/png") == 5
 
 
 def test_calibrate_rejects_bad_prevalence(

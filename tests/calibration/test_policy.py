@@ -61,7 +61,8 @@ def test_recalibrate_never_moves_further_than_max_step(
 ) -> None:
     """Applied recalibrations move by at most max_step * |current|, however far the proposal."""
     state = policy.PolicyState.initial(_threshold(start))
-    cfg = policy.PolicyConfig(max_step=max_step, hysteresis=0.0, n_boot=0)
+    # the cost-gain check is off here: this test is about the step limit alone
+    cfg = policy.PolicyConfig(max_step=max_step, hysteresis=0.0, n_boot=0, gain_level=0.0)
     for i in range(3):
         d = policy.recalibrate(state, _evidence(seed + i, 4, shift), cfg, actor="t", now=NOW)
         assert d.applied, d.reason
@@ -151,3 +152,42 @@ def test_evidence_from_another_model_is_refused() -> None:
         policy.PolicyState.initial(t), ev, policy.PolicyConfig(n_boot=0), actor="a", now=NOW
     )
     assert not d.applied and d.outcome == "refused" and "another model" in d.reason
+
+
+def test_growing_evidence_from_an_unchanged_line_does_not_make_the_threshold_swing() -> None:
+    """The truth never changes and the threshold starts near its optimum; evidence grows
+    by 3 confirmed NG and 30 good parts per round, as on a line. With the cost-gain check
+    the threshold moves at most once in 12 rounds (five seeds); without it (any move above
+    the hysteresis) it flip-flops on the flat cost curve."""
+
+    def moves(seed: int, gain_level: float) -> int:
+        rng = np.random.default_rng(seed)
+        normal, syn = rng.normal(0.0, 1.0, 300), rng.normal(3.0, 1.0, 100)
+        real, good = rng.normal(3.0, 1.0, 36), rng.normal(0.0, 1.0, 360)
+        state = policy.PolicyState.initial(_threshold(2.0))
+        cfg = policy.PolicyConfig(min_real_ng=1, max_step=0.5, n_boot=0, gain_level=gain_level)
+        n = 0
+        for i in range(1, 13):
+            ev = [
+                _set("normal_loo", normal),
+                _set("glass_feature", syn, 1.0),
+                _set("real_ng", real[: 3 * i]),
+                _set("real_ok", good[: 30 * i]),
+            ]
+            d = policy.recalibrate(state, ev, cfg, actor="t", now=NOW)
+            n += d.applied
+            state = d.new_state
+        return n
+
+    assert all(moves(seed, 0.9) <= 1 for seed in range(5))
+    assert sum(moves(seed, 0.0) for seed in range(5)) >= 15
+
+
+def test_clear_cost_gain_is_applied() -> None:
+    """A threshold far inside the normal scores: moving up saves many false rejects surely."""
+    ev = _evidence(1, 6)
+    cfg = policy.PolicyConfig(min_real_ng=1, hysteresis=0.0, max_step=0.5, n_boot=0)
+    d = policy.recalibrate(policy.PolicyState.initial(_threshold(1.0)), ev, cfg, actor="t", now=NOW)
+    assert d.outcome == "applied", d.reason
+    g = policy.cost_gain(ev, 1.0, d.new_state.current.value, cfg)
+    assert g.low > 0.0 and g.mean > g.low
