@@ -131,8 +131,11 @@ def environment_problems(cfg: DaemonConfig) -> list[str]:
 
 
 def bundle_problems(cfg: DaemonConfig) -> list[str]:
-    """The bundle does not open and verify, its thresholds are refused, or its model does not
-    load on the configured backend (probe inference)."""
+    """Bundle faults: it does not open and verify, or its thresholds are refused or absent.
+
+    Also opens the scorer on the configured backend (one probe inference), so a model the
+    runtime cannot load is named here rather than at start.
+    """
     from ngcal.core.bundle import open_bundle
     from ngcal.core.runtime import open_scorer
 

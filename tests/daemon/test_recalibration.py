@@ -26,15 +26,14 @@ from ngcal.core.mqtt_schema import RecalibrationPayload, VerdictPayload
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 from ngcal.core.thresholds import load_thresholds
 from ngcal.daemon.config import RecalibrationConfig, load_config
-from ngcal.daemon.messages import Outbound, Topics, Verdict
-from ngcal.daemon.recalibration import (
-    ThresholdKeeper,
+from ngcal.daemon.evidence import (
     assemble_evidence,
     audit_draw,
     escape_audit,
     latest_confirmations,
-    threshold_payload,
 )
+from ngcal.daemon.messages import Outbound, Topics, Verdict
+from ngcal.daemon.recalibration import ThresholdKeeper, threshold_payload
 from ngcal.daemon.store import Store, add_confirmation
 
 SHA = TINY_MODEL_SHA
