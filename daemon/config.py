@@ -152,6 +152,13 @@ class RecalibrationConfig(_Section):
         default=0.01, ge=0, description="moves below this fraction of |threshold| are not applied"
     )
     dry_run: bool = Field(default=False, description="decide and log, never apply")
+    gain_level: float = Field(
+        default=0.9,
+        ge=0,
+        lt=1,
+        description="mode cost: move only when the expected cost gain is above 0 at this "
+        "confidence (bootstrap lower bound); 0: off",
+    )
     mode: Literal["target_fpr", "f1", "cost", "miss_rate"] = Field(
         default="cost", description="what the threshold optimises"
     )

@@ -55,6 +55,7 @@ def policy_config(cfg: RecalibrationConfig, *, dry_run: bool | None = None) -> P
         confidence=cfg.confidence,
         operating_point=OperatingPoint(prevalence=cfg.prevalence, cost_ratio=cfg.cost_ratio),
         miss_rate=cfg.miss_rate,
+        gain_level=cfg.gain_level,
     )
 
 

@@ -457,3 +457,22 @@ def test_with_the_stream_the_device_still_equals_offline_calibrate(tmp_path):
     assert keeper.current.value == offline.value
     assert offline.evidence["real_ok"] == 57 and keeper.current.evidence["real_ok"] == 57
     store.close()
+
+
+def test_policy_config_carries_the_config_guard_rails():
+    """Every guard rail of the config section reaches the policy (gain_level included);
+    the daemon's defaults are the policy's."""
+    from ngcal.calibration.policy import PolicyConfig
+    from ngcal.daemon.recalibration import policy_config
+
+    pc = policy_config(
+        RecalibrationConfig(gain_level=0.5, min_real_ng=7, max_step=0.2, hysteresis=0.03)
+    )
+    assert (pc.gain_level, pc.min_real_ng, pc.max_step, pc.hysteresis) == (0.5, 7, 0.2, 0.03)
+    assert policy_config(RecalibrationConfig(), dry_run=True).dry_run is True
+    default, lib = policy_config(RecalibrationConfig()), PolicyConfig()
+    assert (default.gain_level, default.mode, default.operating_point) == (
+        lib.gain_level,
+        lib.mode,
+        lib.operating_point,
+    )
