@@ -1,7 +1,7 @@
 """Detection benchmark: what ``ngcal fit`` with its defaults detects on each product, at
 what fit time and edge latency, against the old default (256 px square, top-10 mean).
 
-    python benchmarks/detection.py [--data D ...] [--demo] [--ablation] [--search] [--save F]
+    python benchmarks/detection.py [--data D ...] [--demo] [--ablation K,..] [--search] [--save F]
 
 Per product (``--data``, repeatable; ``--demo`` adds the procedural demo product) it runs
 ``ngcal fit`` with no size or rule (so ``--auto`` chooses from good images and synthetic NG
@@ -12,9 +12,9 @@ exported bundle), the settings ``--auto`` chose with its evidence, the same figu
 old default (the same memory bank and distances with the top-10 mean, when the geometry is
 the old one; else its own fit) and ``ort_p50_ratio``: new / old, timed interleaved in one
 process (the machine is shared). ``test_auroc_by_rule`` shows what each candidate rule
-would have given (reporting only). ``--ablation`` adds fits without cross-fitting at other
-geometries (aspect kept, 320 px) with every rule; ``--search`` the search/score-set checks
-of ``detection_search``. ``--save F`` writes ``{"products": [...]}`` to F.
+would have given (reporting only). ``--ablation`` adds fits without cross-fitting at
+other geometries (``ABLATION``: aspect kept, 320 px) with every rule; ``--search`` the
+search/score-set checks of ``detection_search``. ``--save F`` writes ``{"products": [...]}`` to F.
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def product(data: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     res["old_default"]["ort_p50_ms"] = round(p50["old"], 2)
     res["ort_p50_ratio"] = round(p50["new"] / p50["old"], 3)
     if args.ablation:
-        res["ablation"] = ablation(data, tmp, args.threads, labels, masks)
+        keys = list(ABLATION) if args.ablation == "all" else args.ablation.split(",")
+        res["ablation"] = ablation(data, tmp, args.threads, labels, masks, keys)
     if args.search:
         from detection_search import compare_rules, normal_vs_test_good
 
@@ -200,15 +201,20 @@ ABLATION = {
     "square_256": ["--image-size", "256"],
     "keep_aspect_256": ["--image-size", "256", "--aspect", "keep"],
     "square_320": ["--image-size", "320"],
+    "keep_aspect_288": ["--image-size", "288", "--aspect", "keep"],
 }
 
 
 def ablation(
-    data: Path, tmp: Path, threads: int, labels: np.ndarray, masks: np.ndarray
+    data: Path, tmp: Path, threads: int, labels: np.ndarray, masks: np.ndarray, keys: list[str]
 ) -> dict[str, Any]:
-    """Fits without cross-fitting at each ``ABLATION`` geometry: test AUROC of every rule."""
+    """Fits without cross-fitting at the ``ABLATION`` geometries ``keys``: test AUROC of
+    every rule, pixel AUROC, fit time."""
     out: dict[str, Any] = {}
-    for key, extra in ABLATION.items():
+    for key in keys:
+        if key not in ABLATION:
+            raise SystemExit(f"--ablation {key!r}: one of {list(ABLATION)}")
+        extra = ABLATION[key]
         log(f"ablation {key}")
         d = tmp / f"ablation_{key}"
         fit_s = run_fit(data, d, threads, *extra, "--cv-folds", "0")
@@ -231,7 +237,11 @@ def main() -> int:
     ap.add_argument("--demo", action="store_true", help="add the procedural demo product")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30, help="timed runs per graph")
-    ap.add_argument("--ablation", action="store_true")
+    ap.add_argument(
+        "--ablation",
+        default="",
+        help=f"comma-separated extra fits, of {','.join(ABLATION)} (or 'all')",
+    )
     ap.add_argument("--search", action="store_true")
     ap.add_argument("--save", type=Path, default=None)
     args = ap.parse_args()
