@@ -12,8 +12,8 @@
     B/logs/<step>.txt   what each step printed
 
 Each step calls the command's own ``run`` in this process. A step whose inputs (hashes of
-the files it reads, and its options) match ``build.json`` and whose outputs exist is
-reused, not redone; a changed input reruns that step and everything after it.
+the files it reads, and its options) match ``build.json`` and whose outputs exist and read
+back (hashes verified, current formats) is reused, not redone; a changed input reruns that step and everything after it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import shutil
 import sys
 import time
@@ -35,6 +36,8 @@ from typing import Any
 
 #: generator -> the third-party module its extra brings (imported lazily by the generator)
 GENERATOR_NEEDS = {"diffusion": "diffusers"}
+log = logging.getLogger(__name__)
+
 BUILD_FILE = "build.json"
 BUILD_SCHEMA = "ngcal.build/1"
 
@@ -158,6 +161,9 @@ class Step:
     inputs: Callable[[], dict[str, str]]
     outputs: tuple[Path, ...]
     after: Callable[[str], dict[str, Any]] | None = None
+    #: reads the outputs back (raises NgcalError when they are corrupt or of an older
+    #: format); a step is reused only when this passes
+    check: Callable[[], object] | None = None
 
 
 def call_command(command: str, argv: list[str]) -> tuple[int, str]:
@@ -205,7 +211,9 @@ class Build:
 
     def steps(self) -> list[Step]:
         """The steps this build runs, in order."""
-        from ngcal.core.manifest import MANIFEST_NAME
+        from ngcal.core.bundle import open_bundle
+        from ngcal.core.manifest import MANIFEST_NAME, read_manifest
+        from ngcal.core.thresholds import load_thresholds
 
         c = self.cfg
         o = self.out
@@ -228,6 +236,7 @@ class Build:
                 ],
                 lambda: {"data": tree_fingerprint(self.data, under=("train",))},
                 (self.model / MANIFEST_NAME,),
+                check=lambda: read_manifest(self.model, verify=True),
             ),
         ]
         g = c.glass
@@ -307,6 +316,7 @@ class Build:
                     "ng": "none" if self.ng is None else tree_fingerprint(self.ng),
                 },
                 (o / "thresholds.json", o / "report.html"),
+                check=lambda: load_thresholds(o / "thresholds.json"),
             )
         )
         steps.append(
@@ -324,6 +334,7 @@ class Build:
                     "thresholds": file_sha(o / "thresholds.json"),
                 },
                 (self.bundle / MANIFEST_NAME,),
+                check=lambda: open_bundle(self.bundle),
             )
         )
         if self.labelled:
@@ -372,7 +383,14 @@ class Build:
         key = _key(step.argv, step.inputs())
         old = self.record["steps"].get(step.name, {})
         if not self.force and old.get("key") == key and all(p.exists() for p in step.outputs):
-            return "reused", float(old.get("seconds", 0.0))
+            try:
+                if step.check is not None:
+                    step.check()
+                return "reused", float(old.get("seconds", 0.0))
+            except NgcalError as e:
+                log.info(
+                    "step %s: its outputs do not read back (%s); running it again", step.name, e
+                )
         t0 = time.perf_counter()
         rc, stdout = call_command(step.command, step.argv)
         logs = self.out / "logs"

@@ -53,6 +53,13 @@ def test_build_writes_a_verified_bundle_and_reuses_finished_steps(
     again = capsys.readouterr().out
     assert again.count("reused (inputs unchanged)") == 5
 
+    onnx = out / "bundle" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # a corrupt output is not reused
+    assert main(argv) == 0
+    fixed = capsys.readouterr().out
+    assert "export: done" in fixed and "calibrate: reused" in fixed
+    open_bundle(out / "bundle")
+
     cfg.write_text(
         FAST
         + "\n".join(["", "calibrate: {mode: target_fpr}"]).replace(
