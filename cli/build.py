@@ -13,7 +13,8 @@
 
 Each step calls the command's own ``run`` in this process. A step whose inputs (hashes of
 the files it reads, and its options) match ``build.json`` and whose outputs exist and read
-back (hashes verified, current formats) is reused, not redone; a changed input reruns that step and everything after it.
+back (hashes verified, current formats) is reused, not redone; a changed input reruns that
+step and everything after it.
 """
 
 from __future__ import annotations
