@@ -183,3 +183,27 @@ def test_a_bundle_without_thresholds_needs_a_stored_one(tmp_path, tiny_bundle):
     )
     store.close()
     assert all_problems(cfg) == []
+
+
+def test_a_hand_edited_manifest_is_one_clear_line(tmp_path, tiny_bundle):
+    """A manifest whose image_size disagrees with the ONNX graph is one check-config line
+    naming both shapes (not an onnxruntime traceback at start)."""
+    import json
+    import shutil
+
+    from daemon_kit import TINY_SIZE
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_bundle, edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["preprocessing"]["image_size"] = TINY_SIZE + 16
+    (edited / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "cam").mkdir()
+    p = tmp_path / "d.yaml"
+    p.write_text(
+        f"device_id: b\nbundle: {edited}\nstate_dir: state\ncameras:\n  - id: c\n    watch: cam\n"
+    )
+    problems = all_problems(load_config(p))
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert f"manifest says input [N,3,{TINY_SIZE + 16},{TINY_SIZE + 16}]" in problems[0]
+    assert f"3,{TINY_SIZE},{TINY_SIZE}]" in problems[0]
