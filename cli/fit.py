@@ -40,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="let timm download backbone weights (online only)",
     )
     p.add_argument(
-        "--image-size", type=int, default=None, help="square input side in pixels (default 256)"
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side in pixels, the long side with --aspect keep (default 256)",
     )
     p.add_argument(
         "--aspect",
