@@ -19,8 +19,12 @@ Three statements, each an :class:`~ngcal.core.thresholds.Interval` with ``kind``
   conformal validation; Vovk et al. 2005, ch. 2): ``j`` of ``k`` missed gives the
   Clopper-Pearson interval (Clopper & Pearson 1934) of the miss rate.
 
-:func:`headline` picks what ``expected_fnr`` states (real NG once there is any, else the
-synthetic spread); :func:`sentence` says it in one plain line for ``ngcal calibrate``.
+- **Misses from audit sampling: an interval on the line itself.** A random share of OK
+  verdicts checked by a person estimates the escape rate without selection
+  (:func:`audit_miss_rate`); the daemon passes it in as ``by_source["audit"]``.
+
+:func:`headline` picks what ``expected_fnr`` states (the audit, else real NG once there is
+any, else the synthetic spread); :func:`sentence` says it in one plain line.
 """
 
 from __future__ import annotations
@@ -146,6 +150,38 @@ def real_loo(
     )
 
 
+def audit_miss_rate(
+    *, escaped: int, checked: int, passed: int, caught: int, level: float = 0.95
+) -> Interval | None:
+    """The line's miss rate from random audits of passed parts (unbiased, an interval).
+
+    ``checked`` OK verdicts drawn at random and checked by a person, ``escaped`` of them
+    defective: the escape rate ``r`` per passed part has a Clopper-Pearson interval. With
+    ``passed`` OK verdicts and ``caught`` confirmed NG verdicts in the same period, the
+    miss rate is ``r P / (r P + caught)``, increasing in ``r``, so its interval is the
+    image of ``r``'s. Escapes found downstream are a selected sample and never enter it.
+    None before the first audit check.
+    """
+    if checked <= 0:
+        return None
+    lo, hi = clopper_pearson(escaped, checked, level)
+
+    def miss(r: float) -> float:
+        den = r * passed + caught
+        return r * passed / den if den > 0 else 0.0
+
+    return Interval(
+        value=miss(escaped / checked),
+        low=miss(lo),
+        high=miss(hi),
+        level=level,
+        kind="interval",
+        basis=f"{escaped} of {checked} audited passed parts defective; {caught} caught, "
+        f"{passed} passed",
+        n=float(checked),
+    )
+
+
 def miss_statements(
     scoresets: Sequence[ScoreSet], threshold: float, refit: Refit, level: float
 ) -> dict[str, Interval]:
@@ -161,12 +197,12 @@ def miss_statements(
 
 
 def headline(by_source: dict[str, Interval], fused: Interval) -> Interval:
-    """What ``expected_fnr`` states: real NG's interval when any, else synthetic's spread.
+    """What ``expected_fnr`` states: the audit's interval, else real NG's, else synthetic's.
 
     The point value stays the fused estimate (clipped into the interval), the interval is
     the one its ``kind`` promises.
     """
-    pick = by_source.get("real_ng") or by_source.get("synthetic")
+    pick = by_source.get("audit") or by_source.get("real_ng") or by_source.get("synthetic")
     if pick is None or fused.value is None:
         return fused
     lo, hi = pick.low or 0.0, 1.0 if pick.high is None else pick.high
@@ -184,7 +220,8 @@ def sentence(t: ThresholdFile) -> str:
     if fnr is not None and fnr.value is not None:
         trust = {
             "estimate": "a guess from synthetic look-alikes",
-            "interval": f"a {fnr.level:.0%} interval from confirmed real defects",
+            "interval": f"a {fnr.level:.0%} interval from "
+            + ("random audits" if "audited" in (fnr.basis or "") else "confirmed real defects"),
         }.get(fnr.kind or "", "an estimate")
         parts.append(
             f"about {_pct(fnr.value)} of defects to pass ({_pct(fnr.low)} to "

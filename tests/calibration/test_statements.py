@@ -10,6 +10,7 @@ from scipy import stats
 from ngcal.calibration import statements
 from ngcal.calibration.estimate import calibrate
 from ngcal.core.scoresets import ScoreSet
+from ngcal.core.thresholds import Interval
 
 
 def test_fpr_guarantee_holds_at_its_level_for_a_cost_threshold(
@@ -81,3 +82,30 @@ def test_clopper_pearson_edges() -> None:
     lo, hi = statements.clopper_pearson(3, 10, 0.95)
     ci = stats.binomtest(3, 10).proportion_ci(0.95, method="exact")
     assert np.isclose(lo, ci.low) and np.isclose(hi, ci.high)
+
+
+def test_audit_miss_rate_covers_the_line_truth() -> None:
+    """A line with a true miss rate of 30% at 2% defects; 1% of passed parts audited: the
+    audit interval covers the truth in >= 90% of simulated periods, and the headline
+    prefers it over the synthetic guess."""
+    rng = np.random.default_rng(3)
+    covered, trials = 0, 200
+    for _ in range(trials):
+        n, prev, miss = 20000, 0.02, 0.3
+        defect = rng.random(n) < prev
+        passed = ~defect | (rng.random(n) < miss)
+        caught = int(np.sum(defect & ~passed))
+        audited = passed & (rng.random(n) < 0.01)
+        iv = statements.audit_miss_rate(
+            escaped=int(np.sum(audited & defect)),
+            checked=int(np.sum(audited)),
+            passed=int(np.sum(passed)),
+            caught=caught,
+        )
+        assert iv is not None and iv.kind == "interval"
+        covered += (iv.low or 0.0) <= miss <= (iv.high or 1.0)
+    assert covered / trials >= 0.9
+    syn = Interval(value=0.1, low=0.0, high=1.0, kind="estimate")
+    fused = Interval(value=0.1)
+    assert statements.headline({"synthetic": syn, "audit": iv}, fused).basis == iv.basis
+    assert statements.audit_miss_rate(escaped=0, checked=0, passed=10, caught=1) is None
