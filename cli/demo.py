@@ -287,7 +287,7 @@ class Operator:
             since=mark,
             what="recalibration event",
         )
-        from ngcal.cli.demo_line import MAX_STEP, MIN_REAL_NG
+        from ngcal.cli.demo_line import GAIN_LEVEL, MAX_STEP, MIN_REAL_NG
         from ngcal.cli.readable import pct, trade_off
         from ngcal.core.thresholds import ThresholdFile
 
@@ -315,5 +315,6 @@ class Operator:
             )
         say(
             f"  guard rails (at least {MIN_REAL_NG} confirmed NG, steps of at most "
-            f"{pct(MAX_STEP, digits=0)}): {event.get('reason')}"
+            f"{pct(MAX_STEP, digits=0)}, a cost gain at least {pct(GAIN_LEVEL, digits=0)} sure;"
+            f" the daemon's default is 90%): {event.get('reason')}"
         )

@@ -123,6 +123,22 @@ def radius_unit(stats: dict[str, float], where: str) -> tuple[float, str]:
     raise ArtifactError(f"{where}: manifest patchcore.stats has none of {RADIUS_STATS}")
 
 
+def square_side(spec: Preprocessing, what: str) -> int:
+    """The side of a square model input; ConfigError naming ``what`` for a non-square one.
+
+    GLASS's and diffusion's masks, textures and pastes are drawn on a square canvas, so a
+    model fitted with ``--aspect keep`` (``input_hw``) would silently get synthetic NG of
+    another geometry: refuse it instead.
+    """
+    h, w = spec.hw
+    if h != w:
+        raise ConfigError(
+            f"{what} needs a model with a square input; this one takes {h} x {w} "
+            "(fit --aspect keep); fit it square (--image-size N) to generate NG for it"
+        )
+    return h
+
+
 def _load_images(samples: Sequence[TrainImage], size: int, resample: str) -> list[np.ndarray]:
     return [resize_rgb(load_rgb(t.sample.path), size, resample) for t in samples]
 
@@ -178,7 +194,7 @@ class _Run:
 
     @property
     def size(self) -> int:
-        return self.loaded.manifest.preprocessing.image_size
+        return square_side(self.loaded.manifest.preprocessing, "ngcal generate glass")
 
     def fit_indices(self, grp: list[int]) -> list[int]:
         return [self.items[j].fit_index for j in grp]
@@ -216,6 +232,7 @@ def _prepare(
     if not held or not pool:
         raise ConfigError(f"{data_dir}: too few train images for a held-out set and a pool")
     spec = man.preprocessing
+    side = square_side(spec, "ngcal generate glass")
     run = _Run(
         loaded=loaded,
         options=options,
@@ -227,8 +244,8 @@ def _prepare(
         r0_name=r0_name,
         items=[held[j % len(held)] for j in range(options.count)],
         scorer=HeldOutScorer(loaded.module, bank_sources(root, loaded.module.memory_bank.shape[0])),
-        held_rgb=_load_images(held, spec.image_size, spec.resample),
-        pool_rgb=_load_images(pool, spec.image_size, spec.resample),
+        held_rgb=_load_images(held, side, spec.resample),
+        pool_rgb=_load_images(pool, side, spec.resample),
         feats_held=torch.empty(0),
         feats_pool=torch.empty(0),
         progress=progress,

@@ -5,11 +5,11 @@ point as the one farthest from everything picked so far; PatchCore (Roth et al.,
 sec. 3.2) runs it on features randomly projected to a low dimension (Johnson-Lindenstrauss)
 to subsample the memory bank while keeping its coverage.
 
-Speed on CPU comes from three choices measured on 683k x 152 patches (2-core EPYC):
+Speed on CPU comes from three choices (figures in docs/decisions/0007):
 * squared distances to the new centre come from one GEMM against an augmented matrix
   ``[z; ||z||^2; 1]`` (no separate norm passes), stored [d + 2, N] so the GEMM streams it;
 * the running minimum is updated in place, and the argmax is two-stage (``amax`` per block
-  of 4096, then ``argmax`` inside the winning block), 8x faster than a flat ``argmax``;
+  of 4096, then ``argmax`` inside the winning block);
 * several independent runs (the full bank and the cross-fitting fold banks) share each
   pass over the matrix: a run only sees its eligible points (others start at -inf).
 """

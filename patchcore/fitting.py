@@ -77,7 +77,7 @@ class FitConfig:
     reweight_neighbors: int = 9
     smoothing_sigma: float = 4.0
     #: images per forward pass during extraction; None: 4 on CPU, where small batches stay
-    #: in cache (Lite0 at 256 px, 1 thread: 27 ms/image at 4, 45 ms/image at 16), 32 on GPU
+    #: in cache (measured faster per image than 16 for Lite0 at 256 px), 32 on GPU
     batch_size: int | None = None
     progress: bool = False
 

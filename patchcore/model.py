@@ -66,7 +66,7 @@ class PatchEmbedder(nn.Module):
         """The backbone's maps, each averaged over its k x k neighbourhood: [N, D_l, h_l, w_l],
         finest first (channels-last memory on CPU)."""
         if not torch.onnx.is_in_onnx_export():
-            x = x.contiguous(memory_format=torch.channels_last)  # ~1.7x faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)  # faster on CPU (blocked layout)
         maps = self.backbone(x)
         k = self.neighbourhood
         return [
@@ -189,7 +189,7 @@ class PatchCore(nn.Module):
 
     def patch_scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Nearest-bank distance [N, h*w] of every patch, and its bank index [N, h*w] when
-        the image score rule needs it (else None: the index-free search is ~2x faster)."""
+        the image score rule needs it (else None: the index-free search is cheaper)."""
         n, h, w, d = feats.shape
         q = feats.reshape(-1, d)
         if not self.needs_index:
@@ -248,7 +248,8 @@ class PatchCore(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 [N,3,H,W] -> (anomaly_map [N,H,W], image_score [N]); the same values as
         ``head(embed(x))``, with the search factored per feature level where that is cheaper
-        (``factored``: for Lite0 ~1.5x faster, same distances to fp32 rounding)."""
+        (``factored``: fewer multiply-adds, same distances to fp32 rounding;
+        docs/decisions/0002)."""
         levels = self.embedder.levels(x)
         feats = self.embedder.combine(levels)
         if not self.factored(levels):

@@ -241,12 +241,12 @@ def generate_diffusion(
     """Generate, gate, score and write diffusion NG (see the module docstring)."""
     from ngcal.patchcore.io import load_model
 
-    from ..glass import resolve_device
+    from ..glass import resolve_device, square_side
 
     device = resolve_device(options.device)
     loaded = load_model(model_dir, device=str(device))
     spec = loaded.manifest.preprocessing
-    size = spec.image_size
+    size = square_side(spec, "ngcal generate diffusion")
     out = Path(out_dir)
     refs = list(references) if references is not None else load_references(options.ng, size)
     rng = np.random.default_rng(options.seed)

@@ -129,3 +129,16 @@ def test_cli_rejects_bad_options(tiny_model: Path, tiny_category: Path, tmp_path
         main([*base, "--severities", "a,b"])
     assert e.value.code == 2
     assert main([*base, "--severities", "0,1"]) == 2
+
+
+def test_glass_and_diffusion_refuse_a_non_square_model_input() -> None:
+    """A model fitted with --aspect keep (input_hw) is refused by name, never given NG drawn
+    on a square canvas; a square input passes with its side."""
+    from ngcal.core.errors import ConfigError
+    from ngcal.core.manifest import Preprocessing
+    from ngcal.generation.glass import square_side
+
+    assert square_side(Preprocessing(image_size=96), "ngcal generate glass") == 96
+    assert square_side(Preprocessing(image_size=96, input_hw=(96, 96)), "x") == 96
+    with pytest.raises(ConfigError, match=r"ngcal generate glass.*96 x 64"):
+        square_side(Preprocessing(image_size=96, input_hw=(96, 64)), "ngcal generate glass")
