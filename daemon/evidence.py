@@ -28,6 +28,7 @@ import numpy as np
 
 from ngcal.calibration.ng import jeffreys_interval
 from ngcal.calibration.policy import Decision, PolicyState
+from ngcal.calibration.statements import audit_miss_rate, headline
 from ngcal.core.scoresets import ScoreSet, Source
 from ngcal.core.thresholds import Interval
 
@@ -60,12 +61,16 @@ class EscapeAudit:
     ``drawn`` OK verdicts were marked for audit, ``checked`` of them were confirmed and
     ``escaped`` were confirmed NG; ``rate`` is escaped/checked with a Jeffreys interval
     (None before the first check). It is the share of passed parts that are defective.
+    ``passed`` OK verdicts and ``caught`` NG verdicts confirmed NG over the same verdicts
+    turn it into the line's miss rate (:func:`ngcal.calibration.statements.audit_miss_rate`).
     """
 
     drawn: int
     checked: int
     escaped: int
     rate: Interval | None
+    passed: int = 0
+    caught: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able counts and the rate (null before the first check)."""
@@ -74,11 +79,18 @@ class EscapeAudit:
             "checked": self.checked,
             "escaped": self.escaped,
             "escape_rate": None if self.rate is None else self.rate.model_dump(),
+            "passed": self.passed,
+            "caught": self.caught,
         }
 
 
 def escape_audit(
-    confirmed: Mapping[str, Confirmation], *, drawn: int, level: float = 0.95
+    confirmed: Mapping[str, Confirmation],
+    *,
+    drawn: int,
+    level: float = 0.95,
+    passed: int = 0,
+    caught: int = 0,
 ) -> EscapeAudit:
     """Tally the audited confirmations into an escape rate with an interval at ``level``."""
     checked = [c for c in confirmed.values() if c.audited]
@@ -95,7 +107,7 @@ def escape_audit(
             basis=f"{n} audited OK verdicts checked by a person",
             n=float(n),
         )
-    return EscapeAudit(drawn=drawn, checked=n, escaped=k, rate=rate)
+    return EscapeAudit(drawn=drawn, checked=n, escaped=k, rate=rate, passed=passed, caught=caught)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,7 @@ def assemble_evidence(
     model_sha256: str,
     contamination_bound: float,
     audit_drawn: int = 0,
+    tally: tuple[int, int] = (0, 0),
     level: float = 0.95,
 ) -> DeviceEvidence:
     """The device's evidence from the bundle, the confirmation rows and the verdict stream.
@@ -141,7 +154,8 @@ def assemble_evidence(
     Real NG/OK score sets that ship in the bundle are replaced by the confirmations (the
     daemon's own labels are the source of truth for this line). With a stream, ``real_ok``
     is the confirmed OKs plus the unlabelled verdicts (each image once); without one, the
-    confirmed OKs alone.
+    confirmed OKs alone. ``tally``: (OK verdicts, NG verdicts confirmed NG) of this model,
+    for the audit's miss rate.
     """
     sets = [s for s in bundle_sets if s.source not in ("real_ng", "real_ok")]
     latest = latest_confirmations(confirmations)
@@ -173,21 +187,36 @@ def assemble_evidence(
         sets=tuple(sets),
         stream=np.asarray([x for _, x in unlabelled], dtype=np.float64),
         contamination_bound=contamination_bound,
-        audit=escape_audit(latest, drawn=audit_drawn, level=level),
+        audit=escape_audit(
+            latest, drawn=audit_drawn, level=level, passed=tally[0], caught=tally[1]
+        ),
     )
 
 
 def with_escape_notes(d: Decision, audit: EscapeAudit) -> Decision:
-    """``d`` with the audited escape rate in the applied threshold's notes (when measured).
+    """``d`` with what random audits measured, in the applied threshold (when measured).
 
     The retained threshold then states the share of passed parts found defective by
     random audit (``escape_rate`` with ``escape_rate_low``/``_high`` at ``escape_level``
-    from ``escape_checked`` checks): measured on this line, not estimated from look-alikes.
+    from ``escape_checked`` checks) and, as ``miss_rate_by_source["audit"]``, the line's
+    miss rate with its interval, which its ``expected_fnr`` then states (the audit is the
+    one unbiased sample of passed parts; :func:`ngcal.calibration.statements.headline`).
     """
     r = audit.rate
     if not d.applied or r is None:
         return d
     new = d.new_state.current
+    miss = audit_miss_rate(
+        escaped=audit.escaped,
+        checked=audit.checked,
+        passed=audit.passed,
+        caught=audit.caught,
+        level=r.level,
+    )
+    if miss is not None:
+        by_source = {**new.miss_rate_by_source, "audit": miss}
+        fnr = miss if new.expected_fnr is None else headline(by_source, new.expected_fnr)
+        new = new.model_copy(update={"miss_rate_by_source": by_source, "expected_fnr": fnr})
     notes = {
         **new.notes,
         "escape_rate": r.value,

@@ -192,6 +192,7 @@ class ThresholdKeeper:
             model_sha256=model,
             contamination_bound=self.cfg.prevalence,
             audit_drawn=self.store.audited_count(model),
+            tally=self.store.pass_tally(model),
             level=self.cfg.confidence,
         )
 

@@ -304,6 +304,20 @@ class Store:
         )
         return [(str(s), float(x)) for s, x in rows]
 
+    def pass_tally(self, model_sha256: str) -> tuple[int, int]:
+        """(OK verdicts, NG verdicts an operator confirmed NG) of this model: the passed and
+        caught parts the audited escape rate turns into a miss rate."""
+        passed = self.query(
+            "SELECT count(*) FROM verdicts WHERE verdict='OK' AND model_sha256=?",
+            (model_sha256,),
+        )[0][0]
+        caught = self.query(
+            "SELECT count(DISTINCT v.msg_id) FROM verdicts v JOIN confirmations c "
+            "ON c.msg_id = v.msg_id WHERE v.verdict='NG' AND c.label='NG' AND v.model_sha256=?",
+            (model_sha256,),
+        )[0][0]
+        return int(passed), int(caught)
+
     def audited_count(self, model_sha256: str) -> int:
         """How many verdicts of this model were drawn for audit (marked ``audit: true``)."""
         return int(

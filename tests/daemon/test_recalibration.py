@@ -31,6 +31,7 @@ from ngcal.daemon.evidence import (
     audit_draw,
     escape_audit,
     latest_confirmations,
+    with_escape_notes,
 )
 from ngcal.daemon.messages import Outbound, Topics, Verdict
 from ngcal.daemon.recalibration import ThresholdKeeper, threshold_payload
@@ -101,6 +102,34 @@ def test_escape_rate_comes_only_from_audited_confirmations():
     assert a.rate.kind == "interval" and a.rate.n == 40
     none = escape_audit(latest_confirmations(rows[-10:]), drawn=0)
     assert none.rate is None and none.checked == 0
+
+
+def test_an_applied_threshold_states_the_audited_miss_rate():
+    """With audit checks, the applied threshold's stated miss rate is the audit's interval
+    (escapes per passed part, times passed parts, over all defects: 2/100 x 1000 / (20 +
+    40) = 1/3), basis and sentence say so; a refused decision is left as it is."""
+    from ngcal.calibration.policy import PolicyState, rollback
+    from ngcal.calibration.statements import sentence
+    from ngcal.core.thresholds import Interval, ThresholdFile
+
+    guess = Interval(value=0.1, low=0.0, high=0.9, kind="estimate", basis="synthetic NG")
+    v1 = ThresholdFile(value=1.0, mode="cost", method="m", expected_fnr=guess)
+    v2 = v1.model_copy(update={"value": 2.0, "version": 2})
+    state = PolicyState(current=v2, history=(v1, v2))
+    rows = [conf(f"x{i}", "OK", 0.1, audited=1) for i in range(98)]
+    rows += [conf("y0", "NG", 0.2, audited=1), conf("y1", "NG", 0.3, audited=1)]
+    audit = escape_audit(latest_confirmations(rows), drawn=100, passed=1000, caught=40)
+    d = with_escape_notes(rollback(state, 1, actor="qa"), audit)
+    t = d.new_state.current
+    assert d.applied and t.notes["escape_checked"] == 100
+    miss = t.miss_rate_by_source["audit"]
+    assert miss.value == pytest.approx(1 / 3)
+    assert miss.low is not None and miss.high is not None and miss.low < 1 / 3 < miss.high
+    assert t.expected_fnr is not None and t.expected_fnr.kind == "interval"
+    assert "audited" in (t.expected_fnr.basis or "")
+    assert "random audits" in sentence(t)
+    refused = rollback(state, 7, actor="qa")
+    assert with_escape_notes(refused, audit) is refused
 
 
 def test_audit_draw_is_a_uniform_share_independent_of_the_verdict():
@@ -298,6 +327,7 @@ def test_audited_verdicts_and_their_checks_over_a_real_broker(
     ev = sub.json_on("/recalibration")[0]["audit"]["device_evidence"]
     assert ev["escape_audit"]["drawn"] == 1
     assert (ev["escape_audit"]["checked"], ev["escape_audit"]["escaped"]) == (1, 1)
+    assert (ev["escape_audit"]["passed"], ev["escape_audit"]["caught"]) == (1, 0)
     assert ev["counts"]["real_ng"] == 1 and ev["stream"]["n"] == 1  # ng.png, unlabelled
     con = sqlite3.connect(tmp_path / "state" / "state.db")
     assert con.execute("SELECT audited FROM confirmations").fetchall() == [(1,)]
