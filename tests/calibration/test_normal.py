@@ -33,8 +33,8 @@ def test_conformal_bound_holds_at_stated_rate(
     """Over 400 simulated calibration samples, P(true FPR > target) is at most 1-confidence.
 
     The true FPR of each threshold is computed exactly from the known distribution; the
-    test fails when the violation count is significantly above 1-confidence (one-sided
-    binomial test at 1e-4, so a valid bound fails about once in 10,000 examples).
+    allowed violation rate is 1-confidence plus three binomial standard errors. The examples
+    are derandomized, so the check is the same on every run.
     """
     d = DISTS[dist]
     trials = 400
@@ -49,7 +49,8 @@ def test_conformal_bound_holds_at_stated_rate(
         t = normal.conformal_threshold(x, target_fpr=target, confidence=confidence)
         violations += bool(d.sf(t.value) > target)
     delta = 1.0 - confidence
-    assert stats.binom.sf(violations - 1, trials, delta) > 1e-4, (violations, trials, delta)
+    limit = delta + 3.0 * np.sqrt(delta * (1 - delta) / trials)
+    assert violations / trials <= limit, (violations, trials, delta)
 
 
 @given(
