@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ def test_demo_builds_serves_confirms_and_recalibrates(
     _need_mosquitto()
     from ngcal.cli.main import main
     from ngcal.core.bundle import open_bundle
+    from ngcal.core.thresholds import load_thresholds
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--image-size", "64", "--train-images", "16"])
@@ -34,6 +36,16 @@ def test_demo_builds_serves_confirms_and_recalibrates(
     assert rc == 0, text
     bundle = open_bundle(out / "build" / "bundle")
     assert bundle.thresholds is not None
+    thresholds = load_thresholds(out / "build" / "thresholds.json")
+    assert bundle.thresholds.value == thresholds.value
+    # the build evaluated the bundle itself, at the threshold it carries
+    report = json.loads((out / "build" / "evaluation.json").read_text())
+    assert report["kind"] == "bundle"
+    assert report["threshold"] == pytest.approx(thresholds.value)
+    assert report["mode"] == thresholds.mode
+    assert report["image_auroc"] >= 0.9  # the demo defects are plainly visible
+    n_test = sum(1 for f in (out / "data" / "test").rglob("*.png"))
+    assert report["n_test"] == n_test > 0 and report["errors"] == []
     assert "<title>ngcal calibration: demo part" in (out / "build" / "report.html").read_text()
     rows = [line for line in text.splitlines() if line.startswith("  part")]
     assert len(rows) == 19  # 10 good, 6 defective, 3 faint defects: every verdict arrived
