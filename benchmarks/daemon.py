@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from ngcal.cli.demo_line import serve_argv
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -486,7 +488,7 @@ service:
         env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), OMP_NUM_THREADS="1")
         daemon_log = open(work / "daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "ngcal.cli.main", "-v", "serve", "--config", str(cfg)],
+            serve_argv(cfg),
             env=env,
             stderr=daemon_log,
         )

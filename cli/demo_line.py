@@ -154,6 +154,11 @@ recalibration:
     return path
 
 
+def serve_argv(config: Path) -> list[str]:
+    """The command line of ``ngcal serve --config C`` in this Python, verbose (INFO logs)."""
+    return [sys.executable, "-m", "ngcal.cli.main", "-v", "serve", "--config", str(config)]
+
+
 class DaemonProcess:
     """``ngcal serve --config C`` in its own process; its output goes to ``log``."""
 
@@ -165,15 +170,7 @@ class DaemonProcess:
     def start(self) -> None:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ngcal.cli.main",
-                    "-v",
-                    "serve",
-                    "--config",
-                    str(self.config),
-                ],
+                serve_argv(self.config),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")),

@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+from ngcal.cli.demo_line import serve_argv
 
 
 def missing(reason: str) -> None:
@@ -375,15 +376,7 @@ class DaemonProcess:
         env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), **self.env)
         with open(self.tmp / f"daemon{self.runs}.log", "wb") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ngcal.cli.main",
-                    "-v",
-                    "serve",
-                    "--config",
-                    str(self.config),
-                ],
+                serve_argv(self.config),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
