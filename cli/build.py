@@ -191,8 +191,18 @@ class Build:
         self.ng: Path | None = args.ng
         self.cfg = cfg
         self.force: bool = args.force
-        #: diffusion NG when asked for, or when real NG are given (it learns from them)
-        self.wants_diffusion: bool = bool(args.diffusion or args.ng is not None)
+        #: diffusion NG when asked for, or when real NG with masks are given (it paints
+        #: defects from them); real NG without masks still count in calibrate
+        self.wants_diffusion: bool = bool(args.diffusion)
+        if args.ng is not None and not args.diffusion:
+            self.wants_diffusion = ng_has_masks(args.ng)
+            if not self.wants_diffusion:
+                log.warning(
+                    "%s: no NG image has a mask (x.png + x_mask.png, or an MVTec "
+                    "ground_truth/ folder), so no diffusion NG is learnt from them; they "
+                    "still count as confirmed real NG in calibrate",
+                    args.ng,
+                )
         self.record_path = self.out / BUILD_FILE
         self.record: dict[str, Any] = {"schema": BUILD_SCHEMA, "steps": {}}
         if self.record_path.is_file():
@@ -422,6 +432,17 @@ class Build:
 
 def _key(argv: list[str], inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([argv, inputs], sort_keys=True).encode()).hexdigest()
+
+
+def ng_has_masks(folder: Path) -> bool:
+    """Whether a ``--ng`` folder holds any defect mask the diffusion generator can learn
+    from: an ``x_mask.*`` beside its image (at any depth), or the MVTec
+    ``../../ground_truth/<type>/`` folder of a ``test/<type>`` folder."""
+    if not folder.is_dir():
+        return False
+    if (folder.parent.parent / "ground_truth" / folder.name).is_dir():
+        return True
+    return any(p.is_file() and p.stem.endswith("_mask") for p in folder.rglob("*"))
 
 
 def _has_generator(name: str) -> bool:

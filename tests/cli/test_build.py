@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.torch
 
@@ -116,6 +117,13 @@ def test_diffusion_step_only_when_asked_or_given_real_ng(tmp_path: Path) -> None
     assert "diffusion" not in names()
     if not _has_generator("diffusion"):
         pytest.skip("diffusion generator or its extra not installed")
-    with_ng = names(ng=tmp_path / "ng")
+    ng = tmp_path / "ng"
+    ng.mkdir()
+    Image.new("L", (8, 8)).save(ng / "a.png")
+    # NG images without masks: calibrate still takes them, diffusion has nothing to learn
+    assert "diffusion" not in names(ng=ng)
+    assert "diffusion" in names(ng=ng, diffusion=True)
+    Image.new("L", (8, 8), 255).save(ng / "a_mask.png")
+    with_ng = names(ng=ng)
     assert with_ng.index("diffusion") == with_ng.index("calibrate") - 1
     assert "diffusion" in names(diffusion=True)
