@@ -134,6 +134,22 @@ def add_diffusion_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sd-steps", type=int, default=30, help="pretrained: inference steps")
     p.add_argument(
+        "--mode",
+        choices=("auto", "prompt", "reference", "lora"),
+        default="auto",
+        help="pretrained: prompt only, reference-guided (training-free) or a LoRA fine-tune on "
+        "the real NG; auto: lora with >= 1 real NG where peft is installed, else reference, "
+        "else prompt",
+    )
+    p.add_argument(
+        "--sd-strength",
+        type=float,
+        default=None,
+        help="pretrained reference/lora: denoising strength from the re-placed real defect "
+        "(< 1 keeps its look; default 0.6 reference, 1.0 lora)",
+    )
+    p.add_argument("--lora-steps", type=int, default=None, help="pretrained lora: steps (400)")
+    p.add_argument(
         "--seed", type=int, default=0, help="random seed (CPU outputs are deterministic)"
     )
     p.add_argument(
@@ -168,6 +184,9 @@ def run_diffusion(args: argparse.Namespace) -> int:
         foreground=args.foreground,
         sd_resolution=args.sd_resolution,
         sd_steps=args.sd_steps,
+        sd_mode=args.mode,
+        sd_strength=args.sd_strength,
+        lora_steps=args.lora_steps,
         fewshot=fewshot,
     )
     result = generate_diffusion(

@@ -1,21 +1,32 @@
-"""``pretrained`` backend: a local Stable Diffusion inpainting folder, prompt-only (0 real NG).
+"""``pretrained`` backend: a local Stable Diffusion inpainting folder in three modes.
 
 The pipeline (``diffusers.StableDiffusionInpaintPipeline``, Rombach et al. CVPR 2022) is
 loaded from a local folder with ``local_files_only=True``: nothing is ever downloaded. It
 works at the defect's scale: the window around the target mask is cropped, resized to the
-model's ``resolution``, inpainted under the prompt of the defect type, resized back and
-composited with a mask feathered *inside* the target, so every pixel outside the mask keeps
-the good image's exact value. Reference-guided and LoRA modes (DefectFill, Song et al. CVPR
-2025) are not implemented: with real NG, the ``fewshot`` backend learns from them.
+model's ``resolution``, inpainted, resized back and composited with a mask feathered
+*inside* the target, so every pixel outside the mask keeps the good image's exact value.
+
+Modes (``resolve_mode`` picks the default: ``lora`` with >= 1 real NG where ``peft`` is
+installed, else ``reference`` with >= 1 real NG, else ``prompt``):
+
+- ``prompt`` (0 real NG): inpainted from pure noise under the prompt of the defect type.
+- ``reference`` (1 real NG, training-free): the real NG of the type whose mask fits the
+  target best is re-placed under it (``pretrained_reference``) and that init is noised and
+  denoised inside the mask with ``strength`` < 1 (SDEdit), so the reference's look carries over.
+- ``lora`` (1-5 real NG, DefectFill-like): LoRA adapters trained on the real NG crops with
+  the loss inside the mask (``pretrained_lora``), then sampled under the adapter's token
+  prompt, from the reference init when ``lora_strength`` < 1.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,14 +35,47 @@ from ngcal.core.errors import ArtifactError, ConfigError
 
 from .backend import Candidate, Reference, Request
 from .fewshot import ZERO_NG_GROUP
+from .pretrained_lora import LoraSettings, add_adapters, train_adapters
+from .pretrained_reference import (
+    Placement,
+    drawn_placement,
+    match_reference,
+    paste_reference,
+)
 from .windows import blend_inside, feather, mask_window, take, take_mask
 
 log = logging.getLogger(__name__)
 
+Mode = Literal["prompt", "reference", "lora"]
+MODES: tuple[str, ...] = ("auto", "prompt", "reference", "lora")
+#: ``strength`` of each mode when the config leaves it unset (1.0: from pure noise)
+DEFAULT_STRENGTH: dict[str, float] = {"prompt": 1.0, "reference": 0.6, "lora": 1.0}
+
+
+def peft_available() -> bool:
+    """Whether ``peft`` (the LoRA mode's dependency) is installed."""
+    return importlib.util.find_spec("peft") is not None
+
+
+def resolve_mode(requested: str, n_references: int, *, has_peft: bool | None = None) -> Mode:
+    """The mode to run: ``requested`` checked against what is there, or for ``auto``,
+    ``lora`` with >= 1 real NG and ``peft`` installed, else ``reference`` with >= 1 real
+    NG, else ``prompt``."""
+    peft = peft_available() if has_peft is None else has_peft
+    if requested not in MODES:
+        raise ConfigError(f"pretrained mode {requested!r}: not one of {', '.join(MODES)}")
+    if requested == "auto":
+        return "lora" if n_references and peft else "reference" if n_references else "prompt"
+    if requested in ("reference", "lora") and not n_references:
+        raise ConfigError(f"pretrained mode {requested!r} needs at least one real NG (--ng)")
+    if requested == "lora" and not peft:
+        raise ConfigError("pretrained mode 'lora' needs peft (pip install peft==0.21.0)")
+    return requested  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class PretrainedConfig:
-    """Where the local inpainting model is and how it is sampled."""
+    """Where the local inpainting model is, which mode runs and how it is sampled."""
 
     model_path: str
     resolution: int = 512
@@ -42,12 +86,24 @@ class PretrainedConfig:
     negative_prompt: str = "clean, smooth, flawless"
     feather: int = 2
     seed: int = 0
+    mode: str = "auto"
+    strength: float | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"pretrained resolution {self.resolution} must be a multiple of 8")
         if self.steps < 1:
             raise ConfigError("pretrained steps must be >= 1")
+        if self.mode not in MODES:
+            raise ConfigError(f"pretrained mode {self.mode!r}: not one of {', '.join(MODES)}")
+        if self.strength is not None and not (
+            0.0 < self.strength <= 1.0 and int(self.steps * self.strength) >= 1
+        ):
+            raise ConfigError(
+                f"pretrained strength {self.strength} must be in (0, 1] and leave at least "
+                f"one of the {self.steps} steps (steps x strength >= 1)"
+            )
 
 
 class PretrainedBackend:
@@ -59,20 +115,49 @@ class PretrainedBackend:
         self.config = config
         self.device = torch.device(device)
         self.pipe: object | None = None
+        self.mode: Mode = "prompt"
+        self.references: list[Reference] = []
+
+    def _kind(self, group: str) -> str:
+        return "surface" if group == ZERO_NG_GROUP else group.replace("_", " ")
+
+    def prompt_for(self, group: str) -> str:
+        """The prompt of a defect type (with the adapter's token in the ``lora`` mode)."""
+        kind = self._kind(group)
+        if self.mode == "lora":
+            kind = f"{self.config.lora.token} {kind}"
+        return self.config.prompt.format(group=kind)
+
+    @property
+    def strength(self) -> float:
+        """The denoising strength of the running mode (1.0: from pure noise)."""
+        if self.mode == "prompt":
+            return 1.0
+        s = self.config.strength
+        return DEFAULT_STRENGTH[self.mode] if s is None else s
 
     def prepare(
         self, references: Sequence[Reference], goods: Sequence[np.ndarray], *, progress: bool
     ) -> dict[str, object]:
-        """Load the pipeline from the local folder (offline); references are not used."""
+        """Resolve the mode, load the pipeline from the local folder (offline) and, in the
+        ``lora`` mode, train the adapters on ``references``."""
         from diffusers import StableDiffusionInpaintPipeline
 
-        path = Path(self.config.model_path)
+        c = self.config
+        self.mode = resolve_mode(c.mode, len(references))
+        self.references = list(references) if self.mode != "prompt" else []
+        if self.mode != "prompt" and int(c.steps * self.strength) < 1:
+            raise ConfigError(
+                f"pretrained {self.mode}: steps {c.steps} x strength {self.strength} < 1"
+            )
+        path = Path(c.model_path)
         if not (path / "model_index.json").is_file():
             raise ArtifactError(
                 f"--model-path {path}: no model_index.json (not a diffusers folder)"
             )
         t0 = time.perf_counter()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        half = self.device.type == "cuda" and self.mode != "lora"  # adapters train in fp32
+        dtype = torch.float16 if half else torch.float32
         try:
             pipe = StableDiffusionInpaintPipeline.from_pretrained(  # type: ignore[no-untyped-call]
                 str(path),
@@ -85,24 +170,57 @@ class PretrainedBackend:
             raise ArtifactError(
                 f"--model-path {path}: cannot load the inpainting pipeline: {e}"
             ) from e
+        load_seconds = time.perf_counter() - t0
+        lora_record: dict[str, object] | None = None
+        if self.mode == "lora":
+            add_adapters(pipe.unet, c.lora, c.seed)
         pipe = pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=not progress, desc="inpaint")
-        self.pipe = pipe
-        if references:
+        pipe.set_progress_bar_config(disable=not progress, desc=f"inpaint {self.mode}")
+        if self.mode == "lora":
+            groups = sorted({r.group for r in references})
+            lora_record = train_adapters(
+                pipe,
+                references,
+                {g: self.prompt_for(g) for g in groups},
+                c.lora,
+                resolution=c.resolution,
+                min_side=c.min_side,
+                seed=c.seed,
+                progress=progress,
+            )
+        elif references and self.mode == "prompt":
             log.info(
                 "pretrained backend: %d real NG given, used only as gate evidence", len(references)
             )
+        self.pipe = pipe
         return {
             "backend": self.name,
-            "config": asdict(self.config),
-            "mode": "prompt",
-            "load_seconds": time.perf_counter() - t0,
-            "train_seconds": 0.0,
+            "config": asdict(c),
+            "mode": self.mode,
+            "mode_requested": c.mode,
+            "strength": self.strength,
+            "load_seconds": load_seconds,
+            "train_seconds": float(lora_record["train_seconds"]) if lora_record else 0.0,  # type: ignore[arg-type]
+            "lora": lora_record,
         }
 
     def training_crops(self) -> list[np.ndarray]:
-        """Nothing is learnt from the product's images in the prompt-only mode."""
-        return []
+        """The real NG crops the outputs come from (``reference``, ``lora``); none in the
+        prompt-only mode."""
+        c = self.config
+        out = []
+        for r in self.references:
+            win = mask_window(r.mask, min_side=c.min_side)
+            out.append(take(r.image, win, c.resolution))
+        return out
+
+    def _init(self, r: Request) -> tuple[np.ndarray, Placement | None]:
+        """The image the request is denoised from and the reference placed in it."""
+        refs = [x for x in self.references if x.group == r.group]
+        if self.strength >= 1.0 or not refs:
+            return r.good, None
+        placed = drawn_placement(r) or match_reference(r.target, refs)
+        return paste_reference(r.good, r.target, placed), placed
 
     def generate(
         self, requests: Sequence[Request], *, candidates: int, progress: bool
@@ -117,11 +235,12 @@ class PretrainedBackend:
         n = 0
         for r in requests:
             win = mask_window(r.target, min_side=c.min_side)
-            crop = take(r.good, win, c.resolution)
+            init, placed = self._init(r)
+            strength = self.strength if placed is not None else 1.0
+            crop = take(init, win, c.resolution)
             cm = take_mask(r.target, win, c.resolution)
             alpha = feather(r.target, c.feather)
-            kind = "surface" if r.group == ZERO_NG_GROUP else r.group.replace("_", " ")
-            prompt = c.prompt.format(group=kind)
+            prompt = self.prompt_for(r.group)
             row = []
             for _ in range(candidates):
                 gen = torch.Generator().manual_seed(c.seed + n)
@@ -134,6 +253,7 @@ class PretrainedBackend:
                     height=c.resolution,
                     width=c.resolution,
                     num_inference_steps=c.steps,
+                    strength=strength,
                     guidance_scale=c.guidance,
                     generator=gen,
                     output_type="np",
@@ -144,7 +264,13 @@ class PretrainedBackend:
                         image=blend_inside(r.good, painted, win, alpha),
                         crop=painted,
                         crop_mask=cm,
-                        record={"window": win.as_list(), "prompt": prompt},
+                        record={
+                            "window": win.as_list(),
+                            "prompt": prompt,
+                            "mode": self.mode,
+                            "strength": strength,
+                            "placement": placed.as_dict() if placed else None,
+                        },
                     )
                 )
             out.append(row)

@@ -79,6 +79,9 @@ class DiffusionOptions:
     pool_images: int = 32
     sd_resolution: int = 512
     sd_steps: int = 30
+    sd_mode: str = "auto"
+    sd_strength: float | None = None
+    lora_steps: int | None = None
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -110,13 +113,18 @@ def make_backend(options: DiffusionOptions, device: torch.device) -> DefectBacke
             cfg = FewShotConfig(**{**asdict(cfg), "seed": options.seed})
         return FewShotBackend(cfg, device=str(device))
     from .pretrained import PretrainedBackend, PretrainedConfig
+    from .pretrained_lora import LoraSettings
 
+    lora = LoraSettings() if options.lora_steps is None else LoraSettings(steps=options.lora_steps)
     return PretrainedBackend(
         PretrainedConfig(
             model_path=str(options.model_path),
             seed=options.seed,
             resolution=options.sd_resolution,
             steps=options.sd_steps,
+            mode=options.sd_mode,
+            strength=options.sd_strength,
+            lora=lora,
         ),
         device=str(device),
     )
