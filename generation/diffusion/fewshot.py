@@ -34,6 +34,7 @@ from ngcal.core.errors import ConfigError
 
 from ..perlin import perlin_mask
 from .backend import Candidate, Reference, Request
+from .placement import reference_composite
 from .windows import Window, mask_window, paste, take, take_mask
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class FewShotConfig:
     sample_steps: int = 25
     train_timesteps: int = 1000
     zero_ng_strength: float = 1.6
+    strength: float = 0.6
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class FewShotConfig:
             raise ConfigError(f"fewshot crop {self.crop} must be >= 8 and divisible by the UNet")
         if min(self.train_steps, self.batch_size, self.sample_steps) < 1:
             raise ConfigError("fewshot train_steps, batch_size and sample_steps must be >= 1")
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"fewshot strength {self.strength} must be in (0, 1]")
 
 
 def _to_unit(x: np.ndarray) -> np.ndarray:
@@ -230,22 +234,38 @@ class FewShotBackend:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def _sample(
-        self, bg: torch.Tensor, m: torch.Tensor, cls: torch.Tensor, gen: torch.Generator
+        self,
+        bg: torch.Tensor,
+        m: torch.Tensor,
+        cls: torch.Tensor,
+        gen: torch.Generator,
+        *,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """DDIM inside ``m`` with the known ``bg`` re-noised outside; returns x0 [B, 3, C, C]."""
+        """DDIM inside ``m`` with the known ``bg`` re-noised outside; returns x0 [B, 3, C, C].
+
+        ``strength`` < 1 (reference-guided, SDEdit): the chain starts at that fraction of the
+        schedule from ``bg`` itself noised (``bg`` then holds the reference composite inside
+        ``m``), so the result keeps the composite's layout and contrast and the model only
+        re-draws what that much noise hides. 1: from pure noise.
+        """
         if self.unet is None:
             raise ConfigError("fewshot: generate() before prepare()")
         c = self.config
         zero_ng = not self.refs
-        strength = c.zero_ng_strength if zero_ng else 1.0
+        inflate = c.zero_ng_strength if zero_ng else 1.0
         eta = 1.0 if zero_ng else 0.0
         sched = self._scheduler()
         sched.set_timesteps(c.sample_steps)  # type: ignore[attr-defined]
         steps: torch.Tensor = sched.timesteps  # type: ignore[attr-defined]
-        x = (torch.randn(bg.shape, generator=gen) * strength).to(self.device)
+        first = len(steps) - max(1, round(strength * len(steps)))
+        steps = steps[first:]
+        noise = (torch.randn(bg.shape, generator=gen) * inflate).to(self.device)
+        # from pure noise, or (SDEdit) from the start image noised to the first step
+        x = noise if first == 0 else sched.add_noise(bg, noise, steps[:1])  # type: ignore[attr-defined]
         for i, t in enumerate(steps):
             eps = self.unet(torch.cat([x, m, bg * (1 - m)], dim=1), t, class_labels=cls).sample
-            vn = (torch.randn(bg.shape, generator=gen) * strength).to(self.device)
+            vn = (torch.randn(bg.shape, generator=gen) * inflate).to(self.device)
             x = sched.step(eps, t, x, eta=eta, variance_noise=vn).prev_sample  # type: ignore[attr-defined]
             if i + 1 < len(steps):
                 known = sched.add_noise(  # type: ignore[attr-defined]
@@ -255,6 +275,17 @@ class FewShotBackend:
                 known = bg
             x = m * x + (1 - m) * known
         return x
+
+    def _start(self, r: Request) -> tuple[np.ndarray, float, dict[str, object]]:
+        """The image a request's chain starts from, its strength and the guide's record: the
+        reference composite (``placement``) for a guided request of a trained group, else the
+        good image from pure noise."""
+        ref = getattr(r, "reference", None)
+        p = getattr(r, "placement", None)
+        if ref is None or p is None or not self.refs or self.config.strength >= 1.0:
+            return r.good, 1.0, {"guided": False}
+        rec = {"guided": True, "reference": ref.item_id, "placement": p.as_dict()}
+        return reference_composite(r.good, r.target, ref, p), self.config.strength, rec
 
     def generate(
         self, requests: Sequence[Request], *, candidates: int, progress: bool
@@ -266,31 +297,40 @@ class FewShotBackend:
         gen = torch.Generator().manual_seed(c.seed + 7919)
         jobs = []
         for r in requests:
+            start, strength, guide = self._start(r)
             win = mask_window(r.target, min_side=c.crop)
-            crop, cm = take(r.good, win, c.crop), take_mask(r.target, win, c.crop)
+            crop, cm = take(start, win, c.crop), take_mask(r.target, win, c.crop)
             cls = self.groups.index(r.group) if r.group in self.groups else 0
-            jobs.extend([(r, win, crop, cm, cls)] * candidates)
-        outs: list[Candidate] = []
+            jobs.extend([(r, win, start, crop, cm, cls, strength, guide)] * candidates)
+        outs: list[Candidate | None] = [None] * len(jobs)
         bs = max(c.batch_size, 1)
-        for s in tqdm(
-            range(0, len(jobs), bs), desc="fewshot sample", disable=not progress, mininterval=1.0
-        ):
-            chunk = jobs[s : s + bs]
-            bg = torch.from_numpy(_to_unit(np.stack([j[2] for j in chunk]))).to(self.device)
-            m = torch.from_numpy(np.stack([j[3] for j in chunk])[:, None].astype(np.float32))
-            labels = torch.tensor([j[4] for j in chunk], device=self.device)
-            painted = _to_uint8(self._sample(bg, m.to(self.device), labels, gen))
+        # one batch holds one strength (one schedule); results go back to their job's index
+        chunks: list[list[int]] = []
+        for v in sorted({j[6] for j in jobs}):
+            idx = [k for k, j in enumerate(jobs) if j[6] == v]
+            chunks += [idx[s : s + bs] for s in range(0, len(idx), bs)]
+        for chunk in tqdm(chunks, desc="fewshot sample", disable=not progress, mininterval=1.0):
+            sel = [jobs[j] for j in chunk]
+            bg = torch.from_numpy(_to_unit(np.stack([j[3] for j in sel]))).to(self.device)
+            m = torch.from_numpy(np.stack([j[4] for j in sel])[:, None].astype(np.float32))
+            labels = torch.tensor([j[5] for j in sel], device=self.device)
+            x0 = self._sample(bg, m.to(self.device), labels, gen, strength=sel[0][6])
+            painted = _to_uint8(x0)
             if self.grey:  # a grey product stays grey: the channels' mean in each
                 painted = np.repeat(
                     painted.mean(axis=-1, keepdims=True).round().astype(np.uint8), 3, axis=-1
                 )
-            for (r, win, _crop, cm, _cls), p in zip(chunk, painted, strict=True):
-                outs.append(
-                    Candidate(
-                        image=paste(r.good, p, win, r.target),
-                        crop=p,
-                        crop_mask=cm,
-                        record={"window": win.as_list(), "crop": c.crop},
-                    )
+            for j, (r, win, start, _crop, cm, _cls, strength, guide), p in zip(
+                chunk, sel, painted, strict=True
+            ):
+                # ``start`` equals the good image outside the target; inside, the window's
+                # fine detail lost at working size comes from the start image (the real
+                # defect's own grain when guided)
+                outs[j] = Candidate(
+                    image=paste(start, p, win, r.target),
+                    crop=p,
+                    crop_mask=cm,
+                    record={"window": win.as_list(), "crop": c.crop, "strength": strength, **guide},
                 )
-        return [outs[i * candidates : (i + 1) * candidates] for i in range(len(requests))]
+        done = [o for o in outs if o is not None]
+        return [done[i * candidates : (i + 1) * candidates] for i in range(len(requests))]

@@ -57,7 +57,8 @@ from .gate import (
     seam_limit,
     verdict,
 )
-from .targets import draw_target, load_references
+from .placement import GuidedRequest
+from .targets import draw_placed_target, load_references
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +156,22 @@ def _real_features(
     return {g: np.concatenate(v) for g, v in out.items()}
 
 
-def _gate_all(
+def gate_all(
     requests: Sequence[Request],
     cands: list[list[Candidate]],
-    backend: DefectBackend,
+    training: Sequence[np.ndarray],
     refs: Sequence[Reference],
     loaded: LoadedModel,
     cfg: GateConfig,
 ) -> list[list[tuple[list[Check], np.ndarray]]]:
-    """Every candidate's checks and derived label, in the shape of ``cands``."""
+    """Every candidate's checks and derived label, in the shape of ``cands`` (``training``:
+    the backend's training crops, for the near-copy check)."""
     grid = tuple(int(v) for v in loaded.manifest.patchcore.feature_map_size)
     real = _real_features(loaded, refs, (grid[0], grid[1]))
     limits = {
         g: seam_limit([(r.image, r.mask) for r in refs if r.group == g], cfg)
         for g in {r.group for r in requests}
     }
-    training = backend.training_crops()
     goods_f = _embed(loaded, [r.good for r in requests]) if real else None
     out = []
     for j, (req, row) in enumerate(zip(requests, cands, strict=True)):
@@ -267,16 +268,16 @@ def generate_diffusion(
     for j, s in enumerate(slots):
         g = groups[j % len(groups)]
         fg = otsu_foreground(rgb[s][..., 0]) if options.foreground else None
-        tgt, kind = draw_target([r for r in refs if r.group == g], (size, size), rng, foreground=fg)
-        requests.append(Request(rgb[s], tgt, g))
-        kinds.append(kind)
+        t = draw_placed_target([r for r in refs if r.group == g], (size, size), rng, foreground=fg)
+        requests.append(GuidedRequest(rgb[s], t.mask, g, t.reference, t.placement))
+        kinds.append(t.kind)
 
     backend = make_backend(options, device)
     record = backend.prepare(refs, pool, progress=progress)
     t0 = time.perf_counter()
     cands = backend.generate(requests, candidates=options.candidates, progress=progress)
     sample_seconds = time.perf_counter() - t0
-    gated = _gate_all(requests, cands, backend, refs, loaded, options.gate)
+    gated = gate_all(requests, cands, backend.training_crops(), refs, loaded, options.gate)
 
     for sub in ("images", "masks", "scores"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ large as the group's real masks (or a Perlin region in the zero-NG mode).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from ngcal.core.images import load_mask, load_rgb, resize_rgb
 
 from ..perlin import perlin_mask
 from .backend import Reference
+from .placement import Placement, fit_placement, place_mask, random_placement
 
 MASK_SUFFIX = "_mask"
 
@@ -70,11 +72,6 @@ def load_references(folders: Sequence[str | Path], size: int) -> list[Reference]
     return refs
 
 
-def _bbox_patch(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-
-
 def replace_mask(
     mask: np.ndarray,
     shape: tuple[int, int],
@@ -84,26 +81,8 @@ def replace_mask(
     tries: int = 20,
 ) -> np.ndarray:
     """A real mask re-placed: flipped, rotated by k x 90 degrees, scaled 0.7-1.3, moved."""
-    patch = _bbox_patch(mask)
-    if rng.random() < 0.5:
-        patch = patch[:, ::-1]
-    patch = np.rot90(patch, int(rng.integers(0, 4)))
-    s = float(rng.uniform(0.7, 1.3))
-    h, w = shape
-    ph = int(np.clip(round(patch.shape[0] * s), 1, h))
-    pw = int(np.clip(round(patch.shape[1] * s), 1, w))
-    im = Image.fromarray(patch.astype(np.uint8) * 255, mode="L")
-    small = np.asarray(im.resize((pw, ph), Image.Resampling.NEAREST)) > 127
-    if not small.any():
-        small = np.ones((ph, pw), dtype=bool)
-    out = np.zeros(shape, dtype=bool)
-    for _ in range(tries):
-        y = int(rng.integers(0, h - ph + 1))
-        x = int(rng.integers(0, w - pw + 1))
-        if foreground is None or foreground[y + ph // 2, x + pw // 2]:
-            break
-    out[y : y + ph, x : x + pw] = small
-    return out
+    p = random_placement(mask, shape, rng, foreground=foreground, tries=tries)
+    return place_mask(mask, p, shape)
 
 
 def stroke_mask(shape: tuple[int, int], length: float, rng: np.random.Generator) -> np.ndarray:
@@ -138,6 +117,17 @@ def blob_mask(shape: tuple[int, int], radius: float, rng: np.random.Generator) -
     return out
 
 
+@dataclass(frozen=True)
+class Target:
+    """A target mask, its kind, and (with references) the real defect it was drawn from and
+    the placement that maps that defect's box onto the target's."""
+
+    mask: np.ndarray
+    kind: str
+    reference: Reference | None = None
+    placement: Placement | None = None
+
+
 def draw_target(
     references: Sequence[Reference],
     shape: tuple[int, int],
@@ -146,19 +136,35 @@ def draw_target(
     foreground: np.ndarray | None = None,
     real_share: float = 0.7,
 ) -> tuple[np.ndarray, str]:
-    """One target mask and its kind (``real``, ``stroke``, ``blob``, ``perlin``).
+    """One target mask and its kind (``real``, ``stroke``, ``blob``, ``perlin``)."""
+    t = draw_placed_target(references, shape, rng, foreground=foreground, real_share=real_share)
+    return t.mask, t.kind
+
+
+def draw_placed_target(
+    references: Sequence[Reference],
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    foreground: np.ndarray | None = None,
+    real_share: float = 0.7,
+) -> Target:
+    """One target with its source (``Target``).
 
     With references of the group: a re-placed real mask with probability ``real_share``, else
-    a stroke or blob sized like the references. Without: a Perlin region (GLASS/DRAEM masks,
-    ``ngcal.generation.perlin``) shrunk to a defect's scale, or a stroke/blob.
+    a stroke or blob sized like the references (its source: a random reference mapped onto
+    the target's box). Without: a Perlin region (GLASS/DRAEM masks,
+    ``ngcal.generation.perlin``) shrunk to a defect's scale, or a stroke/blob, no source.
     """
     h, w = shape
     if references:
+        ref = references[int(rng.integers(0, len(references)))]
         if rng.random() < real_share:
-            ref = references[int(rng.integers(0, len(references)))]
-            return replace_mask(ref.mask, shape, rng, foreground=foreground), "real"
+            p = random_placement(ref.mask, shape, rng, foreground=foreground)
+            return Target(place_mask(ref.mask, p, shape), "real", ref, p)
         area = float(np.median([r.mask.sum() for r in references]))
     else:
+        ref = None
         area = float(rng.uniform(0.002, 0.02) * h * w)
         if rng.random() < 0.4:
             side = int(np.clip(np.sqrt(area) * 2.5, 8, min(h, w)))
@@ -166,11 +172,17 @@ def draw_target(
             out = np.zeros(shape, dtype=bool)
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             out[y : y + side, x : x + side] = region
-            return _on_foreground(out, foreground), "perlin"
+            return Target(_on_foreground(out, foreground), "perlin")
     if rng.random() < 0.5:
         m = stroke_mask(shape, length=float(np.sqrt(area) * 2.0), rng=rng)
-        return _on_foreground(m, foreground), "stroke"
-    return _on_foreground(blob_mask(shape, float(np.sqrt(area / np.pi)), rng), foreground), "blob"
+        kind = "stroke"
+    else:
+        m = blob_mask(shape, float(np.sqrt(area / np.pi)), rng)
+        kind = "blob"
+    m = _on_foreground(m, foreground)
+    if ref is None:
+        return Target(m, kind)
+    return Target(m, kind, ref, fit_placement(ref.mask, m, rng))
 
 
 def _on_foreground(mask: np.ndarray, foreground: np.ndarray | None) -> np.ndarray:

@@ -1,0 +1,208 @@
+"""A real defect re-placed: the mask transform and the defect's pixels carried along with it.
+
+A ``Placement`` maps a real NG's mask bounding box onto a box of the target image: a flip, a
+rotation by a multiple of 90 degrees, a resize to ``height`` x ``width`` and a position. The
+same placement moves the mask (``place_mask``, nearest neighbour) and the defect's
+appearance (``reference_composite``), so a re-placed real mask gets the very defect that
+was drawn along it.
+
+The appearance travels as a *relative* layer: the real NG divided by its own background
+(estimated under the mask by normalised convolution of the pixels around it), multiplied
+into the good image's background at the target. A dark blowhole stays as many times darker
+than its surroundings on a bright part as on a dark one, and keeps its own texture.
+Pixels of the target that the placed real mask does not cover (a synthetic stroke or blob
+target mapped onto a real defect's box) get the defect's median relative level.
+
+This is the starting point of reference-guided sampling (SDEdit, Meng et al. ICLR 2022;
+training-free one-shot defect synthesis as in TF-IDG): the diffusion model starts from the
+noised composite instead of pure noise, and blends it into the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ngcal.core.errors import ConfigError
+
+from .backend import Reference, Request
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Flip (left-right, first), rotate by ``rot`` x 90 degrees, resize to ``height`` x
+    ``width`` pixels, put the top-left corner at (``y``, ``x``)."""
+
+    flip: bool
+    rot: int
+    height: int
+    width: int
+    y: int
+    x: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "flip": self.flip,
+            "rot": self.rot,
+            "height": self.height,
+            "width": self.width,
+            "y": self.y,
+            "x": self.x,
+        }
+
+
+@dataclass(frozen=True)
+class GuidedRequest(Request):
+    """A ``Request`` that also names the real defect its target came from and how it was
+    placed (backends that do not use references read it as a plain ``Request``)."""
+
+    reference: Reference | None = None
+    placement: Placement | None = None
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a non-empty bool mask, end-exclusive."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ConfigError("bbox: empty mask")
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def _orient(a: np.ndarray, flip: bool, rot: int) -> np.ndarray:
+    if flip:
+        a = a[:, ::-1]
+    return np.ascontiguousarray(np.rot90(a, rot % 4))
+
+
+def _resize(a: np.ndarray, height: int, width: int, *, nearest: bool) -> np.ndarray:
+    """float or bool [h, w] (or [h, w, c]) resized to [height, width] (nearest or bilinear)."""
+    if a.shape[:2] == (height, width):
+        same: np.ndarray = a.copy()
+        return same
+    if nearest:
+        im = Image.fromarray(a.astype(np.uint8) * 255, mode="L")
+        return np.asarray(im.resize((width, height), Image.Resampling.NEAREST)) > 127
+    chans = a[..., None] if a.ndim == 2 else a
+    out = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(chans[..., c], dtype=np.float32), mode="F").resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        )
+        for c in range(chans.shape[-1])
+    ]
+    res = np.stack(out, axis=-1).astype(np.float64)
+    return res[..., 0] if a.ndim == 2 else res
+
+
+def random_placement(
+    mask: np.ndarray,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    foreground: np.ndarray | None = None,
+    scale: tuple[float, float] = (0.7, 1.3),
+    tries: int = 20,
+) -> Placement:
+    """A random placement of ``mask``'s box in an image of ``shape``: flip with p = 0.5, a
+    random quarter turn, scale uniform in ``scale``, a position whose centre is on the
+    ``foreground`` when one is given (up to ``tries`` draws)."""
+    y0, y1, x0, x1 = bbox(mask)
+    flip = bool(rng.random() < 0.5)
+    rot = int(rng.integers(0, 4))
+    bh, bw = (x1 - x0, y1 - y0) if rot % 2 else (y1 - y0, x1 - x0)
+    s = float(rng.uniform(*scale))
+    h, w = shape
+    ph = int(np.clip(round(bh * s), 1, h))
+    pw = int(np.clip(round(bw * s), 1, w))
+    y = x = 0
+    for _ in range(tries):
+        y = int(rng.integers(0, h - ph + 1))
+        x = int(rng.integers(0, w - pw + 1))
+        if foreground is None or foreground[y + ph // 2, x + pw // 2]:
+            break
+    return Placement(flip, rot, ph, pw, y, x)
+
+
+def fit_placement(mask: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> Placement:
+    """The placement of ``mask``'s box onto ``target``'s box (a synthetic target): the long
+    sides kept parallel, a random flip and half turn."""
+    y0, y1, x0, x1 = bbox(mask)
+    t0, t1, u0, u1 = bbox(target)
+    src_tall = (y1 - y0) >= (x1 - x0)
+    dst_tall = (t1 - t0) >= (u1 - u0)
+    rot = (0 if src_tall == dst_tall else 1) + 2 * int(rng.integers(0, 2))
+    return Placement(bool(rng.random() < 0.5), rot, t1 - t0, u1 - u0, t0, u0)
+
+
+def place_mask(mask: np.ndarray, p: Placement, shape: tuple[int, int]) -> np.ndarray:
+    """``mask``'s box moved by ``p`` into an empty bool image of ``shape`` (never empty)."""
+    y0, y1, x0, x1 = bbox(mask)
+    small = _resize(_orient(mask[y0:y1, x0:x1], p.flip, p.rot), p.height, p.width, nearest=True)
+    if not small.any():
+        small = np.ones((p.height, p.width), dtype=bool)
+    out = np.zeros(shape, dtype=bool)
+    out[p.y : p.y + p.height, p.x : p.x + p.width] = small
+    return out
+
+
+def _box_sum(a: np.ndarray, r: int) -> np.ndarray:
+    """Sum of ``a`` [H, W] over the (2r+1)^2 box around each pixel (zero outside)."""
+    p = np.pad(a, ((r + 1, r), (r + 1, r)))
+    c = p.cumsum(0).cumsum(1)
+    k = 2 * r + 1
+    out: np.ndarray = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    return out
+
+
+def background(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """float64 [H, W, C]: ``image`` (uint8 [H, W, C]) with the pixels of ``mask`` (grown by
+    one pixel) replaced by the mean of the unmasked pixels around them (normalised box
+    convolution, the box as wide as the mask's box is thin, so it reaches past the mask)."""
+    y0, y1, x0, x1 = bbox(mask)
+    r = int(np.ceil(min(y1 - y0, x1 - x0) / 2)) + 3
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    keep = (~grown).astype(np.float64)
+    x = image.astype(np.float64)
+    n = _box_sum(keep, r)
+    out: np.ndarray = x.copy()
+    fallback = x[~grown].mean(axis=0) if (~grown).any() else x.mean(axis=(0, 1))
+    for c in range(x.shape[-1]):
+        s = _box_sum(x[..., c] * keep, r)
+        est = np.where(n > 0, s / np.maximum(n, 1e-9), fallback[c])
+        out[..., c] = np.where(grown, est, x[..., c])
+    return out
+
+
+def relative_layer(ref: Reference) -> tuple[np.ndarray, np.ndarray]:
+    """The real defect as (ratio float64 [h, w, C] over its box, its bool mask [h, w]):
+    image / background, 1 = no change."""
+    y0, y1, x0, x1 = bbox(ref.mask)
+    bg = background(ref.image, ref.mask)[y0:y1, x0:x1]
+    img = ref.image[y0:y1, x0:x1].astype(np.float64)
+    return (img + 1.0) / (bg + 1.0), ref.mask[y0:y1, x0:x1].copy()
+
+
+def reference_composite(
+    good: np.ndarray, target: np.ndarray, ref: Reference, p: Placement
+) -> np.ndarray:
+    """``good`` (uint8 [H, W, C]) with ``ref``'s defect moved by ``p`` painted into the pixels
+    of ``target`` only (the rest exact): good's background there times the defect's ratio."""
+    ratio, m = relative_layer(ref)
+    ratio = _resize(_orient(ratio, p.flip, p.rot), p.height, p.width, nearest=False)
+    m = _resize(_orient(m, p.flip, p.rot), p.height, p.width, nearest=True)
+    med = np.median(ratio[m], axis=0) if m.any() else np.ones(ratio.shape[-1])
+    ratio = np.where(m[..., None], ratio, med)
+    full = np.broadcast_to(med, good.shape).copy()
+    full[p.y : p.y + p.height, p.x : p.x + p.width] = ratio
+    bg = background(good, target)
+    painted = np.clip(np.rint((bg + 1.0) * full - 1.0), 0, 255).astype(np.uint8)
+    out: np.ndarray = good.copy()
+    out[target] = painted[target]
+    return out
