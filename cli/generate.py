@@ -199,6 +199,9 @@ def run_diffusion(args: argparse.Namespace) -> int:
         f"{s['candidates']} candidates, "
         f"failed checks {s['failed_checks']}"
     )
+    backend = s["backend"]
+    if isinstance(backend, dict) and backend.get("mode"):
+        print(f"pretrained mode {backend['mode']} (requested {args.mode})")
     if len(result.scoreset):
         print(f"median score {_median(result.scoreset.scores):.4f}")
     print(f"wrote {result.out} (contact sheet {result.contact_sheet})")

@@ -10,9 +10,11 @@ Modes (``resolve_mode`` picks the default: ``lora`` with >= 1 real NG where ``pe
 installed, else ``reference`` with >= 1 real NG, else ``prompt``):
 
 - ``prompt`` (0 real NG): inpainted from pure noise under the prompt of the defect type.
-- ``reference`` (1 real NG, training-free): the real NG of the type whose mask fits the
-  target best is re-placed under it (``pretrained_reference``) and that init is noised and
-  denoised inside the mask with ``strength`` < 1 (SDEdit), so the reference's look carries over.
+- ``reference`` (1 real NG, training-free): the real NG the target was drawn from, moved
+  by the very flip/rotation/scale its mask was re-placed with (a request that names them),
+  or else the real NG of the type whose mask fits the target best, is pasted under the
+  target (``pretrained_reference``) and that init is noised and denoised inside the mask
+  with ``strength`` < 1 (SDEdit), so the reference's look carries over.
 - ``lora`` (1-5 real NG, DefectFill-like): LoRA adapters trained on the real NG crops with
   the loss inside the mask (``pretrained_lora``), then sampled under the adapter's token
   prompt, from the reference init when ``lora_strength`` < 1.
