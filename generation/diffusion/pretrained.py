@@ -11,10 +11,10 @@ installed, else ``reference`` with >= 1 real NG, else ``prompt``):
 
 - ``prompt`` (0 real NG): inpainted from pure noise under the prompt of the defect type.
 - ``reference`` (1 real NG, training-free): the real NG the target was drawn from, moved
-  by the very flip/rotation/scale its mask was re-placed with (a request that names them),
-  or else the real NG of the type whose mask fits the target best, is pasted under the
-  target (``pretrained_reference``) and that init is noised and denoised inside the mask
-  with ``strength`` < 1 (SDEdit), so the reference's look carries over.
+  by the very flip/rotation/scale its mask was re-placed with (a ``GuidedRequest``), or
+  else the real NG of the type whose mask fits the target best, is painted under the
+  target (``pretrained_reference``; the ``fewshot`` backend's init) and that init is noised
+  and denoised inside the mask with ``strength`` < 1 (SDEdit), so its look carries over.
 - ``lora`` (1-5 real NG, DefectFill-like): LoRA adapters trained on the real NG crops with
   the loss inside the mask (``pretrained_lora``), then sampled under the adapter's token
   prompt, from the reference init when ``lora_strength`` < 1.
@@ -38,12 +38,7 @@ from ngcal.core.errors import ArtifactError, ConfigError
 from .backend import Candidate, Reference, Request
 from .fewshot import ZERO_NG_GROUP
 from .pretrained_lora import LoraSettings, add_adapters, train_adapters
-from .pretrained_reference import (
-    Placement,
-    drawn_placement,
-    match_reference,
-    paste_reference,
-)
+from .pretrained_reference import Guide, guide_for, reference_init
 from .windows import blend_inside, feather, mask_window, take, take_mask
 
 log = logging.getLogger(__name__)
@@ -216,13 +211,13 @@ class PretrainedBackend:
             out.append(take(r.image, win, c.resolution))
         return out
 
-    def _init(self, r: Request) -> tuple[np.ndarray, Placement | None]:
-        """The image the request is denoised from and the reference placed in it."""
+    def _init(self, r: Request) -> tuple[np.ndarray, Guide | None]:
+        """The image the request is denoised from and the real NG placed in it."""
         refs = [x for x in self.references if x.group == r.group]
         if self.strength >= 1.0 or not refs:
             return r.good, None
-        placed = drawn_placement(r) or match_reference(r.target, refs)
-        return paste_reference(r.good, r.target, placed), placed
+        guide = guide_for(r, refs)
+        return reference_init(r, guide), guide
 
     def generate(
         self, requests: Sequence[Request], *, candidates: int, progress: bool
