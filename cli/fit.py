@@ -88,6 +88,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "evidence table on stderr",
     )
     p.add_argument(
+        "--foreground",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="part mask over the patch grid, learnt from the good images (background "
+        "patches do not count): 'auto' keeps it only when it separates held-out good "
+        "from synthetic NG on the part better and covers 20-99%% of the frame (default "
+        "with --auto), 'on' always, 'off' never (default otherwise)",
+    )
+    p.add_argument(
         "--cv-folds",
         type=int,
         default=5,
@@ -142,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     image_score = args.image_score or "topk_mean"
     if args.auto or (args.image_score is None and args.image_size is None):
         image_score = "auto"
+    foreground = args.foreground or ("auto" if image_score == "auto" else "off")
     size = args.image_size or 256
     input_hw = None
     if args.aspect == "keep":
@@ -157,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         projection_dim=args.projection_dim or None,
         image_score=image_score,
         topk=args.topk,
+        foreground=foreground,
         cv_folds=args.cv_folds,
         fold_sample=args.fold_sample,
         seed=args.seed,
@@ -166,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     result = fit(paths, args.out, cfg, ids)
     spec = result.manifest.patchcore
     for choice in spec.choices:  # the evidence table; stdout stays one JSON line
+        if choice.note is not None:
+            print(f"{choice.setting}: {choice.chosen} kept ({choice.note})", file=sys.stderr)
+            continue
         rows = [Evidence(**c.model_dump()) for c in choice.candidates]
         print(
             f"{choice.setting}: held-out good ({choice.n_normal}) vs synthetic NG "
@@ -181,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
                 "image_score": spec.image_score,
                 "image_score_k": spec.image_score_k,
                 "input_hw": list(result.manifest.preprocessing.hw),
+                "foreground": spec.foreground is not None,
                 **{k: round(v, 2) for k, v in result.timings.items()},
             }
         )

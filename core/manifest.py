@@ -110,6 +110,9 @@ class FitChoice(_Strict):
     n_normal: int = Field(ge=0, description="held-out good images scored")
     n_ng: int = Field(ge=0, description="synthetic NG images scored")
     candidates: tuple[CandidateEvidence, ...] = ()
+    note: str | None = Field(
+        default=None, description="why a candidate was not compared (e.g. a degenerate mask)"
+    )
 
 
 class PatchCoreSpec(_Strict):
@@ -129,6 +132,11 @@ class PatchCoreSpec(_Strict):
     seed: int = 0
     choices: tuple[FitChoice, ...] = Field(
         default=(), description="settings chosen at fit time and their evidence"
+    )
+    foreground: str | None = Field(
+        default=None,
+        description="file of the part mask over the patch grid (float32 [h, w]: 1 part, 0 "
+        "background; background patches do not count), or None: every patch counts",
     )
     stats: dict[str, float] = Field(
         default_factory=dict,

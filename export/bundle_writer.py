@@ -238,6 +238,8 @@ def export_bundle(
                 thr,
                 None if thresholds is None else Path(thresholds),
             )
+        if spec.foreground is not None:  # in the graph already; the file shows what it is
+            shutil.copyfile(loaded.root / spec.foreground, tmp / spec.foreground)
         manifest = BundleManifest(
             model_sha256=loaded.sha256,
             backbone=loaded.manifest.backbone,

@@ -10,6 +10,8 @@ traces at opset 17 and runs fast in onnxruntime:
 * the nearest-neighbour search is the module's own (``ngcal.patchcore.nn_search``) with
   trace-friendly options: per feature level where the module factors it, else one MatMul
   per bank chunk; the bank is a constant of the graph;
+* the part mask (when the model has one) is the module's ``masked``: one Mul by a
+  constant [h*w] vector, so the graph keeps one fixed size;
 * the anomaly map (upsampling, reflect pad, Gaussian: linear and separable) is
   ``A_y @ D @ A_x^T`` with two constant matrices measured from the module
   (``map_operators``), or the module's own map when that check fails.
@@ -219,7 +221,7 @@ class ExportPatchCore(nn.Module):
             dist, idx = self.nearest_levels(levels, feats), None
         else:
             dist, idx = self.nearest(feats.reshape(n * h * w, d))
-        dist = dist.reshape(n, h * w)
+        dist = self.pc.masked(dist.reshape(n, h * w))  # the part mask: one constant Mul
         if idx is not None:
             idx = idx.reshape(n, h * w)
         score = self.pc.image_scores(feats, dist, idx)

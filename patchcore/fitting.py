@@ -12,6 +12,10 @@ Pipeline (Roth et al., CVPR 2022, plus the normal evidence calibration needs):
    came from it (its own patches would score ~0);
 4. ``normal_holdout``: each image scored by the bank of the fold that did not see it
    (cross-fitting), the closest thing to unseen good parts the training data offers;
+   with ``foreground`` on or auto, a part mask is learnt from the training images
+   (``foreground``) and, with auto, kept only when it separates held-out good images
+   from synthetic NG on the part better (``auto.choose_foreground``); with
+   ``image_score="auto"`` the rule is chosen the same way (``auto.choose_rule``);
 5. the model directory, written to a temporary sibling and renamed into place.
 
 An unreadable training image stops the fit with a DataError naming the file (a model must
@@ -35,13 +39,29 @@ import numpy as np
 import torch
 
 from ngcal.core.errors import ConfigError, DataError
-from ngcal.core.manifest import ModelManifest, PatchCoreSpec, Preprocessing, write_manifest
+from ngcal.core.manifest import (
+    FitChoice,
+    ModelManifest,
+    PatchCoreSpec,
+    Preprocessing,
+    write_manifest,
+)
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 
 from . import io as mio
-from .auto import choose_rule, rule_scores
+from .auto import (
+    WHOLE_FRAME,
+    Distances,
+    Probe,
+    choose_foreground,
+    choose_rule,
+    fold_distances,
+    probe_distances,
+    rule_scores,
+)
 from .backbones import LITE0, default_preprocessing, load_backbone
 from .coreset import CoresetRun, greedy_coresets, random_projection
+from .foreground import PartMask, PartMaskLearner
 from .model import PatchCore, PatchEmbedder
 from .nn_search import nearest, nearest_distance, squared_norms
 from .rules import ImageRule, image_scores
@@ -74,6 +94,9 @@ class FitConfig:
     topk: int = 10
     #: training images that get a synthetic defect when the rule is chosen
     probe_images: int = 96
+    #: part mask over the patch grid (``foreground``): "off", "on" (learnt and used), or
+    #: "auto" (learnt, kept when it separates held-out good from synthetic NG better)
+    foreground: str = "off"
     reweight_neighbors: int = 9
     smoothing_sigma: float = 4.0
     #: images per forward pass during extraction; None: 4 on CPU, where small batches stay
@@ -102,6 +125,8 @@ class FitConfig:
             raise ConfigError(f"--coreset-ratio {self.coreset_ratio}: must be in (0, 1]")
         if self.image_score != "auto":
             ImageRule(self.image_score, self.topk)  # ConfigError on an unknown rule or k < 1
+        if self.foreground not in ("off", "on", "auto"):
+            raise ConfigError(f"--foreground {self.foreground!r}: one of auto, on, off")
         if self.probe_images < 2:
             raise ConfigError(f"probe images {self.probe_images}: must be >= 2")
         if not 0 < self.fold_sample <= 1:
@@ -127,8 +152,10 @@ def extract_features(
     batch_size: int,
     device: str,
     progress: bool,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Patch features of every image: float32 [n, h, w, D]; DataError on an unreadable file."""
+    """Patch features of every image: float32 [n, h, w, D]; DataError on an unreadable file.
+    ``on_batch(inputs [b, 3, H, W], features [b, h, w, D])`` sees every batch."""
     out: list[torch.Tensor] = []
     bar = mio._bar(len(paths), progress, "features")
     with torch.inference_mode():
@@ -140,7 +167,10 @@ def extract_features(
                 raise DataError(
                     f"{p}: unreadable training image ({reason}); fix or remove it and fit again"
                 )
-            out.append(embedder(torch.from_numpy(batch).to(device)).float().cpu())
+            x = torch.from_numpy(batch)
+            out.append(embedder(x.to(device)).float().cpu())
+            if on_batch is not None:
+                on_batch(x, out[-1])
             bar.update(len(chunk))
     bar.close()
     return torch.cat(out)
@@ -169,7 +199,8 @@ def loo_scores(
             patch[i] = dist.numpy()
             rows = None if idx is None else idx[None]
             nbrs = _neighbours_excluding(model, own)
-            scores[i] = float(image_scores(model.rule, q[None], dist[None], rows, nbrs)[0])
+            masked = model.masked(dist[None])
+            scores[i] = float(image_scores(model.rule, q[None], masked, rows, nbrs)[0])
     return scores, patch.reshape(-1)
 
 
@@ -209,6 +240,13 @@ def fit(
     if cfg.projection_dim is not None and cfg.projection_dim < raw_dim:
         projection = random_projection(raw_dim, cfg.projection_dim, cfg.seed + 1)
     embedder = PatchEmbedder(bb.module, projection=projection).to(cfg.device).eval()
+    learners: list[PartMaskLearner] = []
+
+    def learn(x: torch.Tensor, f: torch.Tensor) -> None:
+        if not learners:
+            learners.append(PartMaskLearner((int(f.shape[1]), int(f.shape[2]))))
+        learners[0].add(x)
+
     feats = extract_features(
         embedder,
         paths,
@@ -216,7 +254,9 @@ def fit(
         batch_size=cfg.extraction_batch,
         device=cfg.device,
         progress=cfg.progress,
+        on_batch=learn if cfg.foreground != "off" else None,
     )
+    part = learners[0].mask() if learners else None
     t_feat = time.perf_counter()
     _, h, w, d = feats.shape
     flat = feats.reshape(-1, d)
@@ -260,20 +300,21 @@ def fit(
     fold_models = [
         _patchcore(embedder, flat[fold_idx[f]].contiguous(), cfg, ImageRule()) for f in range(folds)
     ]
-    rule, choice, held = choose_rule(
-        cfg.rule_candidates,
-        fold_models,
-        feats,
-        fold_of,
-        probe=lambda picks: mio.load_batch([paths[i] for i in picks], pre)[0],
-        probe_images=cfg.probe_images,
+    probe = Probe(
+        load=lambda picks: mio.load_batch([paths[i] for i in picks], pre)[0],
+        images=cfg.probe_images,
         seed=cfg.seed,
         batch=cfg.extraction_batch,
         device=cfg.device,
     )
+    held = None
+    if fold_models:
+        with_index = any(r.needs_index for r in cfg.rule_candidates)
+        held = fold_distances(fold_models, feats, fold_of, with_index=with_index)
+    rule, mask, choices = _choose(cfg, fold_models, held, fold_of, probe, part, pre.hw)
     t_hold = time.perf_counter()
-    holdout = rule_scores(fold_models, held, rule) if held is not None else np.full(n, np.nan)
-    model = _patchcore(embedder, bank, cfg, rule)
+    holdout = rule_scores(fold_models, held, rule, mask) if held is not None else np.full(n, np.nan)
+    model = _patchcore(embedder, bank, cfg, rule, mask)
     loo, loo_patch = loo_scores(model, feats, source)
     t_loo = time.perf_counter()
 
@@ -298,8 +339,14 @@ def fit(
         reweight_neighbors=cfg.reweight_neighbors,
         smoothing_sigma=cfg.smoothing_sigma,
         seed=cfg.seed,
-        choices=() if choice is None else (choice,),
+        choices=choices,
+        foreground=mio.FOREGROUND_FILE if mask is not None else None,
         stats={
+            **(
+                {"foreground_coverage": part.coverage, "foreground_contrast": part.contrast}
+                if part is not None
+                else {}
+            ),
             "loo_patch_nn_p50": q50,
             "loo_patch_nn_p90": q90,
             "loo_patch_nn_p99": q99,
@@ -322,6 +369,7 @@ def fit(
             bank,
             source,
             projection,
+            mask,
             loo,
             holdout,
             folds,
@@ -345,6 +393,7 @@ def _write_model_dir(
     bank: torch.Tensor,
     source: torch.Tensor,
     projection: torch.Tensor | None,
+    mask: torch.Tensor | None,
     loo: np.ndarray,
     holdout: np.ndarray,
     folds: int,
@@ -356,7 +405,11 @@ def _write_model_dir(
     os.chmod(tmp, 0o755)
     mio.save_backbone(tmp, backbone)
     mio.save_arrays(
-        tmp, bank.numpy(), source.numpy(), None if projection is None else projection.numpy()
+        tmp,
+        bank.numpy(),
+        source.numpy(),
+        None if projection is None else projection.numpy(),
+        None if mask is None else mask.numpy(),
     )
     save_scoreset(
         tmp / "scores" / "normal_loo.json", ScoreSet("normal_loo", loo, tuple(item_ids), meta=meta)
@@ -372,8 +425,68 @@ def _write_model_dir(
     return cast(ModelManifest, final)
 
 
+def _choose(
+    cfg: FitConfig,
+    fold_models: Sequence[PatchCore],
+    held: Distances | None,
+    fold_of: torch.Tensor,
+    probe: Probe,
+    part: PartMask | None,
+    hw: tuple[int, int],
+) -> tuple[ImageRule, torch.Tensor | None, tuple[FitChoice, ...]]:
+    """The image-score rule, the part mask [h, w] (None: whole frame) and the evidence of
+    each choice made (``auto``): the mask first, under the default rule, with synthetic NG
+    on the part; then the rule, under the mask kept, on the same NG where possible."""
+    candidates = cfg.rule_candidates
+    rule = candidates[0]
+    with_index = any(r.needs_index for r in candidates)
+    n = int(fold_of.shape[0])
+    mask: torch.Tensor | None = None
+    ng_part: Distances | None = None
+    choices: list[FitChoice] = []
+    if part is not None:
+        problem = part.problem()
+        grid_mask = torch.from_numpy(part.grid)
+        if cfg.foreground == "on":
+            if problem:
+                log.warning("--foreground on: %s; the mask is used as asked", problem)
+            mask = grid_mask
+        elif problem or held is None:
+            note = problem or "no cross-fitting folds to compare on"
+            log.info("foreground: whole frame kept (%s)", note)
+            choices.append(
+                FitChoice(setting="foreground", chosen=WHOLE_FRAME, n_normal=n, n_ng=0, note=note)
+            )
+        else:
+            ng_part = probe_distances(
+                fold_models, fold_of, probe, with_index=with_index, allowed=part.allowed(hw)
+            )
+            use, choice = choose_foreground(
+                rule, fold_models, held, ng_part, grid_mask, seed=cfg.seed
+            )
+            choices.append(choice)
+            mask = grid_mask if use else None
+    if len(candidates) > 1:
+        if held is None:
+            log.warning("no cross-fitting folds: keeping image score %s", rule.label)
+        else:
+            ng = ng_part if mask is not None else None
+            if ng is None:
+                allowed = part.allowed(hw) if mask is not None and part is not None else None
+                ng = probe_distances(
+                    fold_models, fold_of, probe, with_index=with_index, allowed=allowed
+                )
+            rule, choice = choose_rule(candidates, fold_models, held, ng, mask=mask, seed=cfg.seed)
+            choices.append(choice)
+    return rule, mask, tuple(choices)
+
+
 def _patchcore(
-    embedder: PatchEmbedder, bank: torch.Tensor, cfg: FitConfig, rule: ImageRule
+    embedder: PatchEmbedder,
+    bank: torch.Tensor,
+    cfg: FitConfig,
+    rule: ImageRule,
+    mask: torch.Tensor | None = None,
 ) -> PatchCore:
     return PatchCore(
         embedder,
@@ -384,4 +497,5 @@ def _patchcore(
         topk=rule.k,
         reweight_neighbors=cfg.reweight_neighbors,
         smoothing_sigma=cfg.smoothing_sigma,
+        foreground=mask,
     ).eval()

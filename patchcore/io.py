@@ -7,6 +7,8 @@ Files of a model directory (see ``ngcal.core.manifest``) written here::
     memory_bank.npy          float32 [M, D]
     memory_bank_source.npy   int32 [M], training image index of each row
     projection.npy           float32 [C, D] (only when a projection is used)
+    foreground.npy           float32 [h, w] part mask over the patch grid (only when the fit
+                             kept one; ``PatchCoreSpec.foreground`` names it)
     scores/normal_loo.json, scores/normal_holdout.json
 
 Score sets inside a model dir carry an empty ``model_sha256``: they are hashed by the
@@ -39,6 +41,7 @@ BACKBONE_FILE = "backbone.safetensors"
 BANK_FILE = "memory_bank.npy"
 SOURCE_FILE = "memory_bank_source.npy"
 PROJECTION_FILE = "projection.npy"
+FOREGROUND_FILE = "foreground.npy"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ def load_model(model_dir: str | os.PathLike[str], *, device: str = "cpu") -> Loa
             f"{root / BANK_FILE}: shape {tuple(bank.shape)}, manifest says D={spec.feature_dim}"
         )
     embedder = PatchEmbedder(backbone, neighbourhood=spec.neighbourhood, projection=projection)
+    foreground = load_foreground(root, spec.foreground, tuple(spec.feature_map_size))
     module = PatchCore(
         embedder,
         bank,
@@ -132,9 +136,23 @@ def load_model(model_dir: str | os.PathLike[str], *, device: str = "cpu") -> Loa
         topk=spec.image_score_k,
         reweight_neighbors=spec.reweight_neighbors,
         smoothing_sigma=spec.smoothing_sigma,
+        foreground=foreground,
     )
     module.eval().to(device)
     return LoadedModel(module=module, manifest=manifest, root=root, sha256=manifest_sha256(root))
+
+
+def load_foreground(root: Path, name: str | None, grid: tuple[int, ...]) -> torch.Tensor | None:
+    """The part mask float32 [h, w] the manifest names (None when it names none);
+    ArtifactError when its shape is not the patch grid or its values are not 0/1."""
+    if name is None:
+        return None
+    mask = load_npy(root / name).astype(np.float32)
+    if mask.shape != grid:
+        raise ArtifactError(f"{root / name}: shape {mask.shape}, the patch grid is {grid}")
+    if not np.isin(mask, (0.0, 1.0)).all() or not mask.any():
+        raise ArtifactError(f"{root / name}: a part mask holds 0/1 with at least one 1")
+    return torch.from_numpy(mask)
 
 
 def load_batch(
@@ -189,13 +207,19 @@ def score_paths(
 
 
 def save_arrays(
-    root: Path, bank: np.ndarray, source: np.ndarray, projection: np.ndarray | None
+    root: Path,
+    bank: np.ndarray,
+    source: np.ndarray,
+    projection: np.ndarray | None,
+    foreground: np.ndarray | None = None,
 ) -> None:
-    """Write the memory bank, its source indices and the optional projection."""
+    """Write the memory bank, its source indices, the optional projection and part mask."""
     save_npy(root / BANK_FILE, bank.astype(np.float32))
     save_npy(root / SOURCE_FILE, source.astype(np.int32))
     if projection is not None:
         save_npy(root / PROJECTION_FILE, projection.astype(np.float32))
+    if foreground is not None:
+        save_npy(root / FOREGROUND_FILE, foreground.astype(np.float32))
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

@@ -9,6 +9,10 @@ projection. ``head``: exact nearest-neighbour distance of every patch to the mem
 upsampled to the input size and smoothed by a fixed Gaussian (sigma 4 px). ``forward``
 computes the same distances per feature level where that is cheaper (``factored``).
 
+An optional part mask over the patch grid (``foreground``, learnt at fit time from good
+images: ``patchcore.foreground``) multiplies the patch distances before the image score
+and the map, so background patches (distance 0) never count.
+
 The image score is one of ``rules.IMAGE_SCORE_RULES`` (``rules``: max, top-k mean, the
 paper's reweighted max), computed by the same code at fit time and in the exported graph.
 Everything in ``forward`` is static given the bank: no data-dependent Python branches.
@@ -106,6 +110,7 @@ class PatchCore(nn.Module):
     bank_blocks: torch.Tensor
     bank_neighbors: torch.Tensor
     gauss: torch.Tensor
+    foreground: torch.Tensor
 
     def __init__(
         self,
@@ -119,6 +124,7 @@ class PatchCore(nn.Module):
         reweight_neighbors: int = 9,
         smoothing_sigma: float = 4.0,
         chunk: int = DEFAULT_CHUNK,
+        foreground: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.embedder = embedder
@@ -147,6 +153,14 @@ class PatchCore(nn.Module):
         self.register_buffer(
             "gauss", gaussian_kernel1d(smoothing_sigma) if smoothing_sigma > 0 else torch.ones(1)
         )
+        #: part mask over the patch grid, flattened [h*w] (empty: every patch counts)
+        self.has_foreground = foreground is not None
+        self.register_buffer(
+            "foreground",
+            foreground.float().reshape(-1).contiguous()
+            if foreground is not None
+            else torch.ones(0),
+        )
 
     def with_bank(self, bank: torch.Tensor) -> PatchCore:
         """The same detector (embedder shared, every setting kept) over another memory bank
@@ -162,6 +176,7 @@ class PatchCore(nn.Module):
                 reweight_neighbors=self.reweight_neighbors,
                 smoothing_sigma=self.smoothing_sigma,
                 chunk=self.chunk,
+                foreground=self.foreground if self.has_foreground else None,
             )
             .to(self.memory_bank.device)
             .eval()
@@ -198,6 +213,11 @@ class PatchCore(nn.Module):
         dist, idx = nearest_gemm(q, self.bank_gemm, chunk=self.chunk)
         return dist.reshape(n, h * w), idx.reshape(n, h * w)
 
+    def masked(self, dist: torch.Tensor) -> torch.Tensor:
+        """Patch distances [N, h*w] with background patches set to 0 (unchanged without a
+        part mask): what the image score and the map are computed from."""
+        return dist * self.foreground if self.has_foreground else dist
+
     def image_scores(
         self, feats: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor | None
     ) -> torch.Tensor:
@@ -226,8 +246,10 @@ class PatchCore(nn.Module):
         return m[:, 0]
 
     def head(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anomaly_map [N, H, W], image_score [N]) from patch features [N, h, w, D]."""
+        """(anomaly_map [N, H, W], image_score [N]) from patch features [N, h, w, D] (the
+        part mask applied to the patch distances first)."""
         dist, idx = self.patch_scores(feats)
+        dist = self.masked(dist)
         score = self.image_scores(feats, dist, idx)
         amap = self.anomaly_map(dist, (feats.shape[1], feats.shape[2]))
         return amap, score
@@ -254,7 +276,7 @@ class PatchCore(nn.Module):
         feats = self.embedder.combine(levels)
         if not self.factored(levels):
             return self.head(feats)
-        dist = self.level_patch_scores(levels, feats)
+        dist = self.masked(self.level_patch_scores(levels, feats))
         grid = (feats.shape[1], feats.shape[2])
         return self.anomaly_map(dist, grid), self.image_scores(feats, dist, None)
 

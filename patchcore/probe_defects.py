@@ -14,9 +14,10 @@ kinds, one drawn per image:
   (scratches, rough patches).
 
 Masks are unions of one to three random ellipses (elongated up to 8:1 so thin cracks
-occur), with edges softened over ~1.5 px. Torch only, seeded: the same seed gives the same
-defects. (``ngcal.generation`` holds GLASS synthesis; it imports this package, so the
-small maker the fit needs lives here.)
+occur), with edges softened over ~1.5 px. With a part mask (``allowed``), each defect's
+centre is drawn on the part (defects happen on parts, not on the table). Torch only,
+seeded: the same seed gives the same defects. (``ngcal.generation`` holds GLASS
+synthesis; it imports this package, so the small maker the fit needs lives here.)
 """
 
 from __future__ import annotations
@@ -40,17 +41,29 @@ class ProbeDefects:
 
 
 def ellipse_mask(
-    h: int, w: int, area: float, g: torch.Generator, *, max_aspect: float = 8.0
+    h: int,
+    w: int,
+    area: float,
+    g: torch.Generator,
+    *,
+    max_aspect: float = 8.0,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft mask float32 [h, w] in [0, 1]: one to three ellipses of ``area`` * h * w pixels
-    in total, random centres (the first anywhere, the others near it), axes and angles."""
+    in total, random centres (the first anywhere, or on a True pixel of ``allowed`` bool
+    [h, w] when given; the others near it), axes and angles."""
     parts = int(torch.randint(1, 4, (1,), generator=g))
     yy, xx = torch.meshgrid(
         torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
     )
     mask = torch.zeros(h, w)
-    cy = float(torch.rand(1, generator=g)) * (h - 1)
-    cx = float(torch.rand(1, generator=g)) * (w - 1)
+    if allowed is None:
+        cy = float(torch.rand(1, generator=g)) * (h - 1)
+        cx = float(torch.rand(1, generator=g)) * (w - 1)
+    else:
+        where = torch.nonzero(allowed)
+        at = where[int(torch.randint(0, len(where), (1,), generator=g))]
+        cy, cx = float(at[0]), float(at[1])
     for j in range(parts):
         a_pix = max(area * h * w / parts, 2.0)
         aspect = math.exp(float(torch.rand(1, generator=g)) * math.log(max_aspect))
@@ -69,16 +82,23 @@ def ellipse_mask(
     return mask
 
 
-def paste_defects(x: torch.Tensor, cfg: ProbeDefects, *, std: float = 0.5) -> torch.Tensor:
+def paste_defects(
+    x: torch.Tensor,
+    cfg: ProbeDefects,
+    *,
+    std: float = 0.5,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Model inputs float32 [N, 3, H, W] (normalised by ``std`` per channel, as
-    ``Preprocessing`` does) -> a copy with one small synthetic defect in each image."""
+    ``Preprocessing`` does) -> a copy with one small synthetic defect in each image,
+    centred on the part where ``allowed`` (bool [H, W], at least one True) is given."""
     g = torch.Generator().manual_seed(cfg.seed)
     n, _, h, w = x.shape
     out = x.clone()
     lo, hi = math.log(cfg.area[0]), math.log(cfg.area[1])
     for i in range(n):
         area = math.exp(lo + float(torch.rand(1, generator=g)) * (hi - lo))
-        m = ellipse_mask(h, w, area, g)[None]
+        m = ellipse_mask(h, w, area, g, allowed=allowed)[None]
         kind = KINDS[int(torch.randint(0, len(KINDS), (1,), generator=g))]
         img = x[i]
         if kind == "shift":

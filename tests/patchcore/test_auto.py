@@ -42,8 +42,9 @@ def test_auto_fit_needs_no_test_split_and_records_its_choice(
     small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With train/good only (the test split replaced by a corrupt file), ``fit --auto``
-    chooses a candidate rule, records the evidence table in the manifest, prints it, and
-    writes held-out scores by the chosen rule."""
+    rejects a part mask on the full-frame tile surface, chooses a candidate rule, records
+    the evidence table in the manifest, prints it, and writes held-out scores by the
+    chosen rule."""
     data = tmp_path / "cat"
     (data / "train").mkdir(parents=True)
     (data / "train" / "good").symlink_to(small_category / "train" / "good")
@@ -56,7 +57,10 @@ def test_auto_fit_needs_no_test_split_and_records_its_choice(
     summary = json.loads(captured.out.strip().splitlines()[-1])
     m = read_manifest(out)
     assert isinstance(m, ModelManifest)
-    (choice,) = m.patchcore.choices
+    fg, choice = m.patchcore.choices  # the part mask first, then the rule
+    # magnetic tile fills the frame: no part/background split, the whole frame is kept
+    assert (fg.setting, fg.chosen, m.patchcore.foreground) == ("foreground", "whole_frame", None)
+    assert fg.note is not None and fg.candidates == ()
     labels = [c.candidate for c in choice.candidates]
     assert labels == [r.label for r in CANDIDATE_RULES]
     assert choice.chosen in labels and choice.n_ng == choice.n_normal == 16
