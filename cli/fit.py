@@ -48,9 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--aspect",
         choices=["square", "keep"],
-        default="square",
+        default=None,
         help="input shape: square, or keep the training images' median aspect ratio "
-        "(long side --image-size, sides multiples of 32)",
+        "(long side --image-size, sides multiples of 32); without it and --image-size, "
+        "--auto chooses among 256 square, the aspect kept at 256 and at 288",
     )
     p.add_argument(
         "--coreset-ratio",
@@ -83,9 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--auto",
         action="store_true",
-        help="choose the image score rule from good images and synthetic NG only (the "
-        "default when neither --image-size nor --image-score is given); prints the "
-        "evidence table on stderr",
+        help="choose the input geometry (without --image-size/--aspect), the part mask "
+        "(see --foreground) and the image score rule from good images and synthetic NG "
+        "only (the default when neither --image-size nor --image-score is given); prints "
+        "the evidence tables on stderr",
     )
     p.add_argument(
         "--foreground",
@@ -153,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
         image_score = "auto"
     foreground = args.foreground or ("auto" if image_score == "auto" else "off")
     size = args.image_size or 256
+    geometry = "fixed"
+    if image_score == "auto" and args.image_size is None and args.aspect is None:
+        geometry = "auto"
     input_hw = None
     if args.aspect == "keep":
         input_hw = keep_aspect_hw(size, median_aspect(paths))
@@ -168,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         image_score=image_score,
         topk=args.topk,
         foreground=foreground,
+        geometry=geometry,
         cv_folds=args.cv_folds,
         fold_sample=args.fold_sample,
         seed=args.seed,

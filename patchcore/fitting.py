@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -94,6 +94,9 @@ class FitConfig:
     topk: int = 10
     #: training images that get a synthetic defect when the rule is chosen
     probe_images: int = 96
+    #: "fixed": ``image_size``/``input_hw`` as given; "auto": chosen among the square, the
+    #: aspect kept and one size up (``auto_geometry``) before the fit
+    geometry: str = "fixed"
     #: part mask over the patch grid (``foreground``): "off", "on" (learnt and used), or
     #: "auto" (learnt, kept when it separates held-out good from synthetic NG better)
     foreground: str = "off"
@@ -125,6 +128,8 @@ class FitConfig:
             raise ConfigError(f"--coreset-ratio {self.coreset_ratio}: must be in (0, 1]")
         if self.image_score != "auto":
             ImageRule(self.image_score, self.topk)  # ConfigError on an unknown rule or k < 1
+        if self.geometry not in ("fixed", "auto"):
+            raise ConfigError(f"geometry {self.geometry!r}: fixed or auto")
         if self.foreground not in ("off", "on", "auto"):
             raise ConfigError(f"--foreground {self.foreground!r}: one of auto, on, off")
         if self.probe_images < 2:
@@ -223,6 +228,41 @@ def _neighbours_excluding(
     return rows
 
 
+def fold_assignment(n: int, cfg: FitConfig) -> tuple[int, torch.Tensor]:
+    """Cross-fitting folds K (0: none; fewer images than ``cv_folds`` means none) and each
+    of the n images' fold [n] (a seeded permutation, dealt round robin)."""
+    folds = cfg.cv_folds if cfg.cv_folds >= 2 and n >= cfg.cv_folds else 0
+    fold_of = torch.zeros(n, dtype=torch.long)
+    if folds:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        fold_of[perm] = torch.arange(n) % folds
+    return folds, fold_of
+
+
+def fold_banks(
+    flat: torch.Tensor, owner: torch.Tensor, fold_of: torch.Tensor, folds: int, cfg: FitConfig
+) -> list[torch.Tensor]:
+    """Row indices into ``flat`` [n*P, D] of each fold's bank (patches of the other folds;
+    ``owner`` [n*P] is each patch's image): greedy on a random ``fold_sample`` fraction of
+    the patches, all folds in one lockstep pass, each as large as the full-data ratio
+    implies for its K-1 folds. Empty without folds."""
+    if not folds:
+        return []
+    pool = torch.arange(flat.shape[0])
+    if cfg.fold_sample < 1.0:
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        count = max(1, int(cfg.fold_sample * flat.shape[0]))
+        pool = torch.randperm(flat.shape[0], generator=g)[:count].sort().values
+    runs = []
+    for f in range(folds):
+        size = max(1, math.ceil(cfg.coreset_ratio * int((fold_of[owner] != f).sum())))
+        runs.append(CoresetRun(size, fold_of[owner[pool]] != f))
+    picked = greedy_coresets(
+        flat[pool], runs, proj_dim=cfg.coreset_proj_dim, seed=cfg.seed, progress=cfg.progress
+    )
+    return [pool[s] for s in picked]
+
+
 def fit(
     paths: Sequence[Path], out: str | Path, cfg: FitConfig, item_ids: Sequence[str]
 ) -> FitResult:
@@ -231,6 +271,20 @@ def fit(
     n = len(paths)
     if n < 2:
         raise DataError(f"{n} training image(s): PatchCore needs at least 2 (leave-one-out)")
+    prior: tuple[FitChoice, ...] = ()
+    if cfg.geometry == "auto":
+        # imported here: auto_geometry builds on this module's extraction and fold banks
+        from .auto_geometry import choose_geometry, geometry_candidates
+        from .geometry import median_aspect
+
+        cands = geometry_candidates(cfg.image_size, median_aspect(paths))
+        g, gchoice = choose_geometry(paths, cfg, cands)
+        square = g.hw[0] == g.hw[1]
+        cfg = replace(
+            cfg, geometry="fixed", image_size=max(g.hw), input_hw=None if square else g.hw
+        )
+        prior = () if gchoice is None else (gchoice,)
+    t_geo = time.perf_counter()
     pre = default_preprocessing(cfg.backbone, cfg.image_size)
     if cfg.input_hw is not None:
         pre = pre.model_copy(update={"image_size": max(cfg.input_hw), "input_hw": cfg.input_hw})
@@ -262,11 +316,7 @@ def fit(
     flat = feats.reshape(-1, d)
     owner = torch.arange(n).repeat_interleave(h * w)
 
-    folds = cfg.cv_folds if cfg.cv_folds >= 2 and n >= cfg.cv_folds else 0
-    fold_of = torch.zeros(n, dtype=torch.long)
-    if folds:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-        fold_of[perm] = torch.arange(n) % folds
+    folds, fold_of = fold_assignment(n, cfg)
     main_size = max(1, math.ceil(cfg.coreset_ratio * flat.shape[0]))
     (main_idx,) = greedy_coresets(
         flat,
@@ -276,23 +326,7 @@ def fit(
         progress=cfg.progress,
     )
     t_main = time.perf_counter()
-    fold_idx: list[torch.Tensor] = []
-    if folds:
-        # Fold banks: greedy on a random fraction of the patches (all folds in one lockstep
-        # pass), each as large as the full-data ratio implies for its K-1 folds.
-        pool = torch.arange(flat.shape[0])
-        if cfg.fold_sample < 1.0:
-            g = torch.Generator().manual_seed(cfg.seed + 2)
-            count = max(1, int(cfg.fold_sample * flat.shape[0]))
-            pool = torch.randperm(flat.shape[0], generator=g)[:count].sort().values
-        runs = []
-        for f in range(folds):
-            size = max(1, math.ceil(cfg.coreset_ratio * int((fold_of[owner] != f).sum())))
-            runs.append(CoresetRun(size, fold_of[owner[pool]] != f))
-        picked = greedy_coresets(
-            flat[pool], runs, proj_dim=cfg.coreset_proj_dim, seed=cfg.seed, progress=cfg.progress
-        )
-        fold_idx = [pool[s] for s in picked]
+    fold_idx = fold_banks(flat, owner, fold_of, folds, cfg)
     t_core = time.perf_counter()
 
     bank = flat[main_idx].contiguous()
@@ -320,7 +354,8 @@ def fit(
 
     q50, q90, q99 = np.quantile(loo_patch, [0.5, 0.9, 0.99]).tolist()
     timings = {
-        "extract_seconds": t_feat - t0,
+        "geometry_seconds": t_geo - t0,
+        "extract_seconds": t_feat - t_geo,
         "coreset_seconds": t_main - t_feat,
         "fold_coreset_seconds": t_core - t_main,
         "holdout_seconds": t_hold - t_core,
@@ -339,7 +374,7 @@ def fit(
         reweight_neighbors=cfg.reweight_neighbors,
         smoothing_sigma=cfg.smoothing_sigma,
         seed=cfg.seed,
-        choices=choices,
+        choices=prior + choices,
         foreground=mio.FOREGROUND_FILE if mask is not None else None,
         stats={
             **(

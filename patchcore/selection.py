@@ -12,7 +12,7 @@ of paired bootstrap resamples of the images (``choose``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -82,12 +82,17 @@ def beats(
 
 
 def choose(
-    normal: Mapping[str, np.ndarray], ng: Mapping[str, np.ndarray], *, seed: int = 0
+    normal: Mapping[str, np.ndarray],
+    ng: Mapping[str, np.ndarray],
+    *,
+    seed: int = 0,
+    eligible: Collection[str] | None = None,
 ) -> tuple[list[Evidence], str]:
     """Evidence per candidate (labels in ``normal``'s order, the first is the default) and
     the choice: the best-separating candidate that beats the default in at least
     ``CONFIDENCE`` of the bootstrap resamples, else the default (a difference the sample
-    cannot tell from noise does not move a product off the default)."""
+    cannot tell from noise does not move a product off the default). Only candidates in
+    ``eligible`` (default: all) may be chosen; the others' evidence is still reported."""
     labels = list(normal)
     default = labels[0]
     table = [evidence(k, normal[k], ng[k]) for k in labels]
@@ -101,7 +106,13 @@ def choose(
         for e in table
     ]
     base = table[0].separation
-    better = [e for e in table[1:] if e.separation > base and (e.beats_default or 0) >= CONFIDENCE]
+    better = [
+        e
+        for e in table[1:]
+        if e.separation > base
+        and (e.beats_default or 0) >= CONFIDENCE
+        and (eligible is None or e.candidate in eligible)
+    ]
     chosen = max(better, key=lambda e: e.separation).candidate if better else default
     return table, chosen
 
