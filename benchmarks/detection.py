@@ -1,14 +1,17 @@
 """Detection benchmark: what ``ngcal fit`` with its defaults detects on each product, at
 what fit time and edge latency, against the old default (256 px square, top-10 mean).
 
-    python benchmarks/detection.py [--data D ...] [--demo] [--ablation K,..] [--search] [--save F]
+    python benchmarks/detection.py [--data D ...] [--demo] [--table] [--no-default-data]
+        [--ablation K,..] [--search] [--save F]
 
-Per product (``--data``, repeatable; ``--demo`` adds the procedural demo product) it runs
+Per product (``--data``, repeatable; ``--demo`` adds the procedural demo product,
+``--table`` the procedural part on a cluttered table, ``detection_products``) it runs
 ``ngcal fit`` with no size or rule (so ``--auto`` chooses from good images and synthetic NG
 only), scores the labelled test split once (test labels are used for the figures only,
 never for a choice) and prints one JSON object: ``image_auroc``, ``pixel_auroc``,
 ``f1_oracle``, ``fit_seconds``, ``ort_p50_ms`` (onnxruntime, 1 thread, batch 1, the
-exported bundle), the settings ``--auto`` chose with its evidence, the same figures for the
+exported bundle), the settings ``--auto`` chose with its evidence (geometry, part mask,
+rule; ``whole_frame_image_auroc``: the chosen rule without the mask), the same figures for the
 old default (the same memory bank and distances with the top-10 mean, when the geometry is
 the old one; else its own fit) and ``ort_p50_ratio``: new / old, timed interleaved in one
 process (the machine is shared). ``test_auroc_by_rule`` shows what each candidate rule
@@ -53,7 +56,9 @@ def run_fit(data: Path, out: Path, threads: int, *extra: str) -> float:
 
 def test_scores(model_dir: Path, data: Path) -> dict[str, Any]:
     """Every candidate rule's image scores and the anomaly maps on the labelled test split,
-    from one search per image (with the nearest rows, for reweighted_max)."""
+    from one search per image (with the nearest rows, for reweighted_max), with the
+    model's part mask applied as the model applies it (``scores``) and without it
+    (``whole``)."""
     import torch
 
     from ngcal.core.dataset import load_category
@@ -66,19 +71,47 @@ def test_scores(model_dir: Path, data: Path) -> dict[str, Any]:
     m = loaded.module
     test = [s for s in load_category(data).test if s.label is not None]
     scores = {r.label: np.empty(len(test)) for r in CANDIDATE_RULES}
-    maps = []
+    whole = {r.label: np.empty(len(test)) for r in CANDIDATE_RULES}
+    maps, whole_maps = [], []
     with torch.inference_mode():
         for i, s in enumerate(test):
             x, _, _ = load_batch([s.path], loaded.preprocessing)
             feats = m.embed(torch.from_numpy(x))
             _, h, w, d = feats.shape
             dist, idx = nearest(feats.reshape(-1, d), m.memory_bank, m.bank_sq, chunk=m.chunk)
-            dist, idx = dist.reshape(1, -1), idx.reshape(1, -1)
+            raw, idx = dist.reshape(1, -1), idx.reshape(1, -1)
+            dist = m.masked(raw)
             for r in CANDIDATE_RULES:
                 v = image_scores(r, feats, dist, idx, m.bank_neighbour_rows)
                 scores[r.label][i] = float(v[0])
+                v = image_scores(r, feats, raw, idx, m.bank_neighbour_rows)
+                whole[r.label][i] = float(v[0])
             maps.append(m.anomaly_map(dist, (h, w))[0].numpy())
-    return {"loaded": loaded, "test": test, "scores": scores, "maps": np.stack(maps)}
+            whole_maps.append(m.anomaly_map(raw, (h, w))[0].numpy() if m.has_foreground else None)
+    return {
+        "loaded": loaded,
+        "test": test,
+        "scores": scores,
+        "whole": whole,
+        "maps": np.stack(maps),
+        "whole_maps": np.stack(whole_maps) if m.has_foreground else np.stack(maps),
+    }
+
+
+def without_mask(m: Any, rule: tuple[str, int]) -> Any:
+    """The same detector (embedder, bank) without its part mask, scoring by ``rule``."""
+    from ngcal.patchcore.model import PatchCore
+
+    return PatchCore(
+        m.embedder,
+        m.memory_bank,
+        image_size=m.image_size,
+        image_hw=m.image_hw,
+        image_score=rule[0],
+        topk=rule[1],
+        reweight_neighbors=m.reweight_neighbors,
+        smoothing_sigma=m.smoothing_sigma,
+    ).eval()
 
 
 def figures(
@@ -144,9 +177,15 @@ def product(data: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     res["fit_parts"] = {k: v for k, v in pc.stats.items() if k.endswith("_seconds")}
     res["settings"] = {
         "input_hw": list(man.preprocessing.hw),
+        "foreground": pc.foreground is not None,
+        "foreground_coverage": pc.stats.get("foreground_coverage"),
+        "foreground_contrast": pc.stats.get("foreground_contrast"),
         "image_score": chosen,
         "choices": [c.model_dump() for c in pc.choices],
     }
+    res["whole_frame_image_auroc"] = round(
+        figures(labels, ts["whole"][chosen], ts["maps"], masks)["image_auroc"], 4
+    )
     res["test_auroc_by_rule"] = {
         k: round(figures(labels, v, ts["maps"], masks)["image_auroc"], 4)
         for k, v in ts["scores"].items()
@@ -155,10 +194,9 @@ def product(data: Path, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     export_bundle(model, bundle)
     old_label = f"{OLD_DEFAULT[0]}_{OLD_DEFAULT[1]}"
     old_pre = man.preprocessing
-    if man.preprocessing.hw == (256, 256):  # same bank and distances: only the rule differs
-        old = ts["loaded"].module
-        old.rule = type(old.rule)(*OLD_DEFAULT)
-        res["old_default"] = figures(labels, ts["scores"][old_label], ts["maps"], masks)
+    if man.preprocessing.hw == (256, 256):  # same bank and distances: rule and mask differ
+        old = without_mask(ts["loaded"].module, OLD_DEFAULT)
+        res["old_default"] = figures(labels, ts["whole"][old_label], ts["whole_maps"], masks)
     else:
         log(f"{name}: fitting the old default (256 px square, top-10 mean) for comparison")
         old_dir = tmp / f"{name}_old"
@@ -202,6 +240,8 @@ ABLATION = {
     "keep_aspect_256": ["--image-size", "256", "--aspect", "keep"],
     "square_320": ["--image-size", "320"],
     "keep_aspect_288": ["--image-size", "288", "--aspect", "keep"],
+    "square_288": ["--image-size", "288"],
+    "foreground_on": ["--image-size", "256", "--foreground", "on"],
 }
 
 
@@ -221,6 +261,7 @@ def ablation(
         ts = test_scores(d, data)
         out[key] = {
             "input_hw": list(ts["loaded"].preprocessing.hw),
+            "foreground": ts["loaded"].manifest.patchcore.foreground is not None,
             "fit_seconds": round(fit_s, 1),
             "pixel_auroc": figures(labels, ts["scores"]["max"], ts["maps"], masks)["pixel_auroc"],
             "image_auroc_by_rule": {
@@ -235,6 +276,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, action="append", default=None)
     ap.add_argument("--demo", action="store_true", help="add the procedural demo product")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="add the procedural part on a cluttered table (detection_products)",
+    )
+    ap.add_argument(
+        "--no-default-data",
+        action="store_true",
+        help="only the procedural products (no --data, no magnetic tile)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30, help="timed runs per graph")
     ap.add_argument(
@@ -245,14 +296,20 @@ def main() -> int:
     ap.add_argument("--search", action="store_true")
     ap.add_argument("--save", type=Path, default=None)
     args = ap.parse_args()
-    datas: list[Path] = args.data or [Path(os.environ.get("NGCAL_DATA", DEFAULT_DATA))]
+    datas: list[Path] = args.data or (
+        [] if args.no_default_data else [Path(os.environ.get("NGCAL_DATA", DEFAULT_DATA))]
+    )
     results = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if args.demo:
             from ngcal.generation.demo_data import make_demo_category
 
-            datas.append(make_demo_category(tmp / "demo"))
+            datas.append(make_demo_category(tmp / "demo", seed=1))
+        if args.table:
+            from detection_products import make_part_on_table
+
+            datas.append(make_part_on_table(tmp / "table", seed=0))
         for data in datas:
             res = product(data, tmp, args)
             print(json.dumps(res), flush=True)
