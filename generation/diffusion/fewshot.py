@@ -2,7 +2,8 @@
 
 The model is a ``diffusers.UNet2DModel`` trained from scratch, in pixel space, on crops
 around the 1-5 real NG masks of each defect type (windows jittered in scale and position,
-flips and rotations by multiples of 90 degrees, a small brightness jitter). Its input is
+flips and half turns, which keep the product's axes and so its texture's direction, a
+small brightness jitter). Its input is
 the noisy crop, the mask and the background outside the mask (7 channels), with the defect
 type as class label, so it learns to draw *this* line's defect along *a given* mask shape in
 *a given* context (mask conditioning as in the inpainting models of AnomalyDiffusion and
@@ -159,7 +160,7 @@ class FewShotBackend:
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             img = take(good, Window(y, x, side), c)
             m, cls = perlin_mask((c, c), (1, 1), rng).pixels, 0
-        k = int(rng.integers(0, 8))
+        k = 2 * int(rng.integers(0, 4))  # flips and half turns: the product's axes kept
         img = np.clip(_dihedral(img, k).astype(np.float32) * rng.uniform(0.9, 1.1), 0, 255)
         return img.astype(np.uint8), _dihedral(m, k), cls
 

@@ -105,13 +105,19 @@ def random_placement(
     foreground: np.ndarray | None = None,
     scale: tuple[float, float] = (0.7, 1.3),
     tries: int = 20,
+    quarter_turns: bool = False,
 ) -> Placement:
     """A random placement of ``mask``'s box in an image of ``shape``: flip with p = 0.5, a
-    random quarter turn, scale uniform in ``scale``, a position whose centre is on the
-    ``foreground`` when one is given (up to ``tries`` draws)."""
+    half turn with p = 0.5 (any quarter turn with ``quarter_turns``), scale uniform in
+    ``scale``, a position whose centre is on the ``foreground`` when one is given (up to
+    ``tries`` draws).
+
+    Without quarter turns the product's axes are kept: a real defect carries the surface
+    texture around and inside it, and turning it by 90 degrees turns that texture too
+    (horizontal tool marks inside a vertical-marked part)."""
     y0, y1, x0, x1 = bbox(mask)
     flip = bool(rng.random() < 0.5)
-    rot = int(rng.integers(0, 4))
+    rot = int(rng.integers(0, 4)) if quarter_turns else 2 * int(rng.integers(0, 2))
     bh, bw = (x1 - x0, y1 - y0) if rot % 2 else (y1 - y0, x1 - x0)
     s = float(rng.uniform(*scale))
     h, w = shape
@@ -126,14 +132,18 @@ def random_placement(
     return Placement(flip, rot, ph, pw, y, x)
 
 
-def fit_placement(mask: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> Placement:
-    """The placement of ``mask``'s box onto ``target``'s box (a synthetic target): the long
-    sides kept parallel, a random flip and half turn."""
+def fit_placement(
+    mask: np.ndarray, target: np.ndarray, rng: np.random.Generator, *, quarter_turns: bool = False
+) -> Placement:
+    """The placement of ``mask``'s box onto ``target``'s box (a synthetic target): a random
+    flip and half turn, and with ``quarter_turns`` a quarter turn that keeps the long sides
+    parallel (see ``random_placement``)."""
     y0, y1, x0, x1 = bbox(mask)
     t0, t1, u0, u1 = bbox(target)
     src_tall = (y1 - y0) >= (x1 - x0)
     dst_tall = (t1 - t0) >= (u1 - u0)
-    rot = (0 if src_tall == dst_tall else 1) + 2 * int(rng.integers(0, 2))
+    turn = 1 if quarter_turns and src_tall != dst_tall else 0
+    rot = turn + 2 * int(rng.integers(0, 2))
     return Placement(bool(rng.random() < 0.5), rot, t1 - t0, u1 - u0, t0, u0)
 
 
@@ -189,20 +199,75 @@ def relative_layer(ref: Reference) -> tuple[np.ndarray, np.ndarray]:
     return (img + 1.0) / (bg + 1.0), ref.mask[y0:y1, x0:x1].copy()
 
 
+def _poisson(dest: np.ndarray, guide: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """Seamless cloning (Perez, Gangnet & Blake, SIGGRAPH 2003): float64 [H, W, C] equal to
+    ``dest`` outside ``omega`` (bool [H, W]) and, inside, the field whose 4-neighbour
+    differences best match ``guide``'s, with ``dest``'s values on the boundary."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import splu
+
+    h, w = omega.shape
+    ys, xs = np.nonzero(omega)
+    n = ys.size
+    idx = np.full((h, w), -1, dtype=np.int64)
+    idx[ys, xs] = np.arange(n)
+    diag = np.zeros(n)
+    rows, cols = [], []
+    b = np.zeros((n, dest.shape[-1]))
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        qy, qx = ys + dy, xs + dx
+        ok = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+        p, qy, qx = np.arange(n)[ok], qy[ok], qx[ok]
+        diag[p] += 1
+        b[p] += guide[ys[ok], xs[ok]] - guide[qy, qx]
+        inner = omega[qy, qx]
+        rows.append(p[inner])
+        cols.append(idx[qy[inner], qx[inner]])
+        b[p[~inner]] += dest[qy[~inner], qx[~inner]]
+    r, c = np.concatenate(rows + [np.arange(n)]), np.concatenate(cols + [np.arange(n)])
+    v = np.concatenate([-np.ones(r.size - n), diag])
+    lu = splu(coo_matrix((v, (r, c)), shape=(n, n)).tocsc())
+    out: np.ndarray = dest.copy()
+    out[ys, xs] = np.stack([lu.solve(b[:, k]) for k in range(b.shape[1])], axis=-1)
+    return out
+
+
+def clone(dest: np.ndarray, source: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """``dest`` (uint8 [H, W, C]) with ``source``'s pixels under ``omega`` seamlessly cloned in
+    the log domain (``_poisson``); the rest exact."""
+    cloned = np.exp(
+        _poisson(
+            np.log(dest.astype(np.float64) + 1.0), np.log(source.astype(np.float64) + 1.0), omega
+        )
+    )
+    out: np.ndarray = dest.copy()
+    out[omega] = np.clip(np.rint(cloned[omega] - 1.0), 0, 255).astype(np.uint8)
+    return out
+
+
 def reference_composite(
     good: np.ndarray, target: np.ndarray, ref: Reference, p: Placement
 ) -> np.ndarray:
     """``good`` (uint8 [H, W, C]) with ``ref``'s defect moved by ``p`` painted into the pixels
-    of ``target`` only (the rest exact): good's background there times the defect's ratio."""
+    of ``target`` only (the rest exact).
+
+    The defect's ratio layer, moved by ``p``, times good's background under the target is
+    cloned in the log domain (``_poisson``): the relative contrast and texture of the real
+    defect inside, the good image's own values at the boundary, so neither the product's
+    texture phase nor its brightness jumps at the target's edge. Target pixels the moved real
+    mask does not cover get the defect's median ratio."""
     ratio, m = relative_layer(ref)
     ratio = _resize(_orient(ratio, p.flip, p.rot), p.height, p.width, nearest=False)
     m = _resize(_orient(m, p.flip, p.rot), p.height, p.width, nearest=True)
     med = np.median(ratio[m], axis=0) if m.any() else np.ones(ratio.shape[-1])
-    ratio = np.where(m[..., None], ratio, med)
-    full = np.broadcast_to(med, good.shape).copy()
-    full[p.y : p.y + p.height, p.x : p.x + p.width] = ratio
-    bg = background(good, target)
-    painted = np.clip(np.rint((bg + 1.0) * full - 1.0), 0, 255).astype(np.uint8)
+    sl = (slice(p.y, p.y + p.height), slice(p.x, p.x + p.width))
+    full = np.ones(good.shape, dtype=np.float64)
+    full[target] = med
+    box = full[sl]
+    full[sl] = np.where((m | ~target[sl])[..., None], ratio, box)
+    guide = np.log(background(good, target) + 1.0) + np.log(np.maximum(full, 1e-3))
+    dest = np.log(good.astype(np.float64) + 1.0)
+    cloned = np.exp(_poisson(dest, guide, target)) - 1.0
     out: np.ndarray = good.copy()
-    out[target] = painted[target]
+    out[target] = np.clip(np.rint(cloned[target]), 0, 255).astype(np.uint8)
     return out

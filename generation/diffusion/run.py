@@ -53,6 +53,7 @@ from .gate import (
     check_label,
     check_seam,
     derived_mask,
+    loo_spread,
     nn_median,
     seam_limit,
     verdict,
@@ -145,15 +146,15 @@ def _embed(loaded: LoadedModel, images: Sequence[np.ndarray], batch: int = 8) ->
 
 def _real_features(
     loaded: LoadedModel, refs: Sequence[Reference], grid: tuple[int, int]
-) -> dict[str, np.ndarray]:
-    """Per defect type, the features of the real NG's defect cells [n, D]."""
+) -> dict[str, list[np.ndarray]]:
+    """Per defect type, the features of each real NG's defect cells [n_i, D]."""
     if not refs:
         return {}
     feats = _embed(loaded, [r.image for r in refs])
     out: dict[str, list[np.ndarray]] = {}
     for r, f in zip(refs, feats, strict=True):
         out.setdefault(r.group, []).append(f[pool_to_grid(r.mask, grid)])
-    return {g: np.concatenate(v) for g, v in out.items()}
+    return out
 
 
 def gate_all(
@@ -167,7 +168,9 @@ def gate_all(
     """Every candidate's checks and derived label, in the shape of ``cands`` (``training``:
     the backend's training crops, for the near-copy check)."""
     grid = tuple(int(v) for v in loaded.manifest.patchcore.feature_map_size)
-    real = _real_features(loaded, refs, (grid[0], grid[1]))
+    per_ref = _real_features(loaded, refs, (grid[0], grid[1]))
+    real = {g: np.concatenate(v) for g, v in per_ref.items()}
+    spread = {g: loo_spread(v) for g, v in per_ref.items()}
     limits = {
         g: seam_limit([(r.image, r.mask) for r in refs if r.group == g], cfg)
         for g in {r.group for r in requests}
@@ -193,7 +196,7 @@ def gate_all(
                 check_label(derived, req.target, cfg),
                 check_seam(c.image, req.target, limits[req.group]),
                 check_copy(c.crop, c.crop_mask, training, cfg),
-                check_feature(d_ng, d_good),
+                check_feature(d_ng, d_good, spread.get(req.group)),
             ]
             res.append((checks, derived))
         out.append(res)

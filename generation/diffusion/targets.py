@@ -6,9 +6,9 @@ References (``load_references``): each ``--ng`` folder is an MVTec ``test/<type>
 (``group``) is the folder's name. Images and masks are brought to the model's input size.
 
 Target masks (``draw_target``), so defects appear where the line's could: a real mask of
-the group re-placed (random flip, rotation by a multiple of 90 degrees, scale 0.7-1.3, at a
-random position, optionally on the part's foreground), or a synthetic stroke or blob about as
-large as the group's real masks (or a Perlin region in the zero-NG mode).
+the group re-placed (random flip and half turn, which keep the product's axes, scale
+0.7-1.3, at a random position, optionally on the part's foreground), or a synthetic stroke
+or blob about as large as the group's real masks (or a Perlin region in the zero-NG mode).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def replace_mask(
     foreground: np.ndarray | None = None,
     tries: int = 20,
 ) -> np.ndarray:
-    """A real mask re-placed: flipped, rotated by k x 90 degrees, scaled 0.7-1.3, moved."""
+    """A real mask re-placed: flipped, turned by 180 degrees, scaled 0.7-1.3, moved
+    (``random_placement``)."""
     p = random_placement(mask, shape, rng, foreground=foreground, tries=tries)
     return place_mask(mask, p, shape)
 

@@ -13,6 +13,7 @@ from ngcal.generation.diffusion.gate import (
     check_label,
     check_seam,
     derived_mask,
+    loo_spread,
     nn_median,
     seam_limit,
     verdict,
@@ -118,3 +119,17 @@ def test_verdict_lists_only_failed_applicable_checks() -> None:
     ]
     ok, failed = verdict(checks)
     assert not ok and failed == ["drawn"]
+
+
+def test_feature_accepts_within_the_real_ngs_own_spread_and_fails_beyond_it() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.normal(5.0, 1.0, (30, 8))
+    b = rng.normal(5.0, 1.0, (30, 8)) + 2.0  # a second real NG of the type, a little apart
+    spread = loo_spread([a, b])
+    assert spread is not None and spread > 0
+    assert loo_spread([a]) is None  # one reference: no spread
+    # farther than the good image was, but as near as the real NG are to each other: passes
+    assert check_feature(spread * 0.9, spread * 0.5, spread).passed
+    c = check_feature(spread * 1.5, spread * 0.5, spread)  # beyond both: fails
+    assert c.passed is False and c.limit == spread
+    assert check_feature(spread * 0.9, spread * 0.5, None).passed is False

@@ -111,22 +111,20 @@ def test_guided_sampling_keeps_the_real_defect_and_records_its_strength(
     b = FewShotBackend(cfg)
     b.prepare(refs, goods, progress=False)
     rows = b.generate(reqs, candidates=2, progress=False)
-    for req, row in zip(reqs, rows, strict=True):
-        assert req.reference is not None and req.placement is not None
-        comp = reference_composite(req.good, req.target, req.reference, req.placement)
-        for c in row:
-            assert c.record["guided"] is True and c.record["strength"] == 0.2
-            assert np.array_equal(c.image[~req.target], req.good[~req.target])
-            m = req.target
-            to_comp = np.abs(c.image[m].astype(float) - comp[m]).mean()
-            comp_vs_good = np.abs(comp[m].astype(float) - req.good[m]).mean()
-            assert to_comp < 0.5 * comp_vs_good  # an untrained model cannot erase the defect
     plain = FewShotBackend(FewShotConfig(**{**cfg.__dict__, "strength": 1.0}))
     plain.prepare(refs, goods, progress=False)
-    row = plain.generate(reqs[:1], candidates=1, progress=False)[0]
-    assert row[0].record == {
-        "window": row[0].record["window"],
-        "crop": 16,
-        "strength": 1.0,
-        "guided": False,
-    }
+    plain_rows = plain.generate(reqs, candidates=2, progress=False)
+    guided_gap, plain_gap = [], []
+    for req, row, prow in zip(reqs, rows, plain_rows, strict=True):
+        assert req.reference is not None and req.placement is not None
+        comp = reference_composite(req.good, req.target, req.reference, req.placement)
+        m = req.target
+        for c, pc in zip(row, prow, strict=True):
+            assert c.record["guided"] is True and c.record["strength"] == 0.2
+            assert c.record["placement"] == req.placement.as_dict()
+            assert pc.record["guided"] is False and pc.record["strength"] == 1.0
+            assert np.array_equal(c.image[~m], req.good[~m])
+            guided_gap.append(np.abs(c.image[m].astype(float) - comp[m]).mean())
+            plain_gap.append(np.abs(pc.image[m].astype(float) - comp[m]).mean())
+    # the same barely trained model keeps the real defect when started from it, not from noise
+    assert np.mean(guided_gap) < 0.7 * np.mean(plain_gap), (guided_gap, plain_gap)
