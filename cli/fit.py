@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="input shape: square, or keep the training images' median aspect ratio "
         "(long side --image-size, sides multiples of 32); without it and --image-size, "
-        "--auto chooses among 256 square, the aspect kept at 256 and at 288",
+        "--auto chooses among 256 square and the aspect kept at 1x and 1.27x its pixels",
     )
     p.add_argument(
         "--coreset-ratio",

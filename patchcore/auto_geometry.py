@@ -2,8 +2,9 @@
 images and synthetic NG only, within a latency budget.
 
 Candidates (``geometry_candidates``): the default square, the training images' median
-aspect at the same long side (``geometry.keep_aspect_hw``; left out when it rounds to the
-square) and that aspect one step up (``HIGHER``). Each is fitted on the same seeded
+aspect at about the square's pixel count (``geometry.keep_aspect_area``: about the same
+compute; left out when it rounds to the square) and that aspect at ``HIGHER`` times the
+pixels (288 x 288 for a square product). Each is fitted on the same seeded
 sample of the training images (``SAMPLE``; all of them when fewer) with the same folds:
 features at that size, fold banks, held-out good scores, and the same probe images with
 the same synthetic defects (``probe_defects``: areas are shares of the frame, positions
@@ -36,7 +37,7 @@ from .auto import Probe, fold_distances, probe_distances, rule_scores
 from .backbones import default_preprocessing, load_backbone
 from .coreset import random_projection
 from .fitting import FitConfig, extract_features, fold_assignment, fold_banks
-from .geometry import keep_aspect_hw
+from .geometry import keep_aspect_area
 from .model import PatchCore, PatchEmbedder
 from .selection import choose, format_table
 
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 SAMPLE = 160
 #: a candidate's time per image may be at most this multiple of the default's
 LATENCY_BUDGET = 1.5
-#: the long side of the larger candidate
-HIGHER = 288
+#: pixels of the larger candidate over the default's (288 x 288 for a square product)
+HIGHER = (288 / 256) ** 2
 #: timed forwards per candidate (after two warm-ups), interleaved
 TIMING_REPEATS = 7
 
@@ -64,11 +65,12 @@ class Geometry:
         return f"{self.hw[0]}x{self.hw[1]}"
 
 
-def geometry_candidates(size: int, aspect: float, *, higher: int = HIGHER) -> list[Geometry]:
-    """The square default ``size``, the aspect kept at ``size``, and the aspect kept at
-    ``higher`` (duplicates dropped; the default first)."""
+def geometry_candidates(size: int, aspect: float, *, higher: float = HIGHER) -> list[Geometry]:
+    """The square default ``size``, the aspect kept at the square's pixel count, and the
+    aspect kept at ``higher`` times it (duplicates dropped; the default first)."""
     out = [Geometry((size, size))]
-    for g in (Geometry(keep_aspect_hw(size, aspect)), Geometry(keep_aspect_hw(higher, aspect))):
+    for scale in (1.0, higher):
+        g = Geometry(keep_aspect_area(size, aspect, scale=scale))
         if g.hw not in [c.hw for c in out]:
             out.append(g)
     return out

@@ -3,14 +3,17 @@
 A part that is long and narrow, squashed into a square, loses detail along its long side
 and shows the backbone shapes it never saw in training. ``keep_aspect_hw`` chooses one
 fixed input size per model from the training images' median height/width ratio: the long
-side is the requested size, the short side follows the ratio, both rounded to multiples
-of 32 (the backbone's largest stride, so every feature grid divides evenly and the
-exported graph's per-level search stays exact). Images of another ratio are resized to
-that size (as the square default resizes every image), so one fixed-size graph serves all.
+side is the requested size, the short side follows the ratio (``keep_aspect_area``: the
+pixel count of a square of the requested side, so about the square's compute), both
+rounded to multiples of 32 (the backbone's largest stride, so every feature grid divides
+evenly and the exported graph's per-level search stays exact). Images of another ratio are
+resized to that size (as the square default resizes every image), so one fixed-size graph
+serves all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,3 +48,10 @@ def keep_aspect_hw(long_side: int, aspect: float) -> tuple[int, int]:
     long_ = max(m, round(long_side / m) * m)
     short = max(m, round(long_ * min(aspect, 1.0 / aspect) / m) * m)
     return (long_, short) if aspect >= 1.0 else (short, long_)
+
+
+def keep_aspect_area(side: int, aspect: float, *, scale: float = 1.0) -> tuple[int, int]:
+    """(height, width) with height / width near ``aspect`` and about ``scale`` times the
+    pixels of a ``side`` x ``side`` square (``keep_aspect_hw`` at that long side)."""
+    long_side = side * math.sqrt(scale * max(aspect, 1.0 / aspect))
+    return keep_aspect_hw(round(long_side), aspect)

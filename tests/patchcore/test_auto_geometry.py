@@ -18,9 +18,14 @@ pytestmark = pytest.mark.torch
 
 
 def test_candidates_are_the_default_square_then_distinct_aspects() -> None:
-    """A square product gets 256 and 288 squares; a 1.16 product adds its aspect at both."""
+    """A square product gets 256 and 288 squares; others their aspect at about the
+    square's pixel count and at 1.27x it (sides multiples of 32)."""
     assert [g.label for g in geometry_candidates(256, 1.0)] == ["256x256", "288x288"]
-    assert [g.label for g in geometry_candidates(256, 1.16)] == ["256x256", "256x224", "288x256"]
+    assert [g.label for g in geometry_candidates(256, 1.16)] == ["256x256", "288x256", "320x288"]
+    long_part = geometry_candidates(256, 0.4)
+    assert [g.label for g in long_part] == ["256x256", "160x416", "192x448"]
+    pixels = [g.hw[0] * g.hw[1] / 256**2 for g in long_part]
+    assert abs(pixels[1] - 1.0) < 0.1 and 1.2 < pixels[2] < 1.4
 
 
 def test_an_ineligible_candidate_is_reported_but_never_chosen() -> None:
