@@ -112,6 +112,7 @@ def random_placement(
     ``scale``, a position whose centre is on the ``foreground`` when one is given (up to
     ``tries`` draws).
 
+    A mask touching the image's border keeps touching the same (moved) border.
     Without quarter turns the product's axes are kept: a real defect carries the surface
     texture around and inside it, and turning it by 90 degrees turns that texture too
     (horizontal tool marks inside a vertical-marked part)."""
@@ -123,10 +124,23 @@ def random_placement(
     h, w = shape
     ph = int(np.clip(round(bh * s), 1, h))
     pw = int(np.clip(round(bw * s), 1, w))
+    # a defect on the image's edge (a break, a region cut by the frame) stays on the edge
+    # it touched, as moved by the flip and turn: top, bottom, left, right
+    mh, mw = mask.shape
+    sides = [y0 == 0, y1 == mh, x0 == 0, x1 == mw]
+    if flip:
+        sides = [sides[0], sides[1], sides[3], sides[2]]
+    for _ in range(rot % 4):  # counter-clockwise quarter turns: top <- right <- bottom <- left
+        sides = [sides[3], sides[2], sides[0], sides[1]]
+    top, bottom, left, right = sides
+    if top and bottom:
+        ph = h
+    if left and right:
+        pw = w
     y = x = 0
     for _ in range(tries):
-        y = int(rng.integers(0, h - ph + 1))
-        x = int(rng.integers(0, w - pw + 1))
+        y = 0 if top else h - ph if bottom else int(rng.integers(0, h - ph + 1))
+        x = 0 if left else w - pw if right else int(rng.integers(0, w - pw + 1))
         if foreground is None or foreground[y + ph // 2, x + pw // 2]:
             break
     return Placement(flip, rot, ph, pw, y, x)

@@ -15,6 +15,7 @@ from ngcal.generation.diffusion.placement import (
     background,
     fit_placement,
     place_mask,
+    random_placement,
     reference_composite,
 )
 from ngcal.generation.diffusion.targets import draw_placed_target, load_references
@@ -128,3 +129,18 @@ def test_guided_sampling_keeps_the_real_defect_and_records_its_strength(
             plain_gap.append(np.abs(pc.image[m].astype(float) - comp[m]).mean())
     # the same barely trained model keeps the real defect when started from it, not from noise
     assert np.mean(guided_gap) < 0.7 * np.mean(plain_gap), (guided_gap, plain_gap)
+
+
+def test_a_defect_on_the_image_edge_stays_on_the_edge_it_touched() -> None:
+    mask = np.zeros((S, S), dtype=bool)
+    mask[40:, 10:20] = True  # cut by the bottom border
+    rng = np.random.default_rng(3)
+    for quarter in (False, True):
+        for _ in range(16):
+            p = random_placement(mask, (S, S), rng, quarter_turns=quarter)
+            moved = place_mask(mask, p, (S, S))
+            # the bottom border, moved by the flip and turn (rot90 turns counter-clockwise)
+            edge = {0: moved[-1], 1: moved[:, -1], 2: moved[0], 3: moved[:, 0]}[p.rot % 4]
+            assert edge.any(), p
+            if not quarter:
+                assert p.rot in (0, 2)
