@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/threshold_quality.py --data <category dir> [--model <model dir>]
         [--glass <dir of glass score sets>] [--repeats 20] [--seed 0]
+    python benchmarks/threshold_quality.py --make-faint-product <dir>   # a harder product
 
 Prints one JSON object (keys ``k0``, ``k1``, ``k2``, ``k5``, ``protocol``, ...) on stdout;
 progress goes to stderr. The model's test-split scores and the Perlin-validation scores
@@ -151,6 +152,38 @@ def perlin_scores(model: Path, data: Path, cache: Path, seed: int) -> dict[str, 
     }
     atomic_write_json(cache, out)
     return out
+
+
+def make_faint_product(
+    root: Path, *, strength: tuple[float, float] = (0.25, 0.6), seed: int = 7
+) -> Path:
+    """A second procedural product: the demo's surface with fainter defects (MVTec-AD layout).
+
+    The demo product's test defects are drawn at full contrast and are trivially separable;
+    here each test defect is blended in at a strength drawn from ``strength``
+    (:func:`ngcal.generation.demo_data.defective_part`), so real defects are harder to
+    catch than on the demo. 80 train, 120 test good and 40 test defects per kind.
+    """
+    from PIL import Image
+
+    from ngcal.generation.demo_data import DEFECTS, defective_part, good_surface
+
+    rng = np.random.default_rng(seed)
+
+    def save(arr: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr.astype(np.uint8), mode="L").save(path)
+
+    for i in range(80):
+        save(good_surface(rng, 256), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(120):
+        save(good_surface(rng, 256), root / "test" / "good" / f"{i:03d}.png")
+    for kind in DEFECTS:
+        for i in range(40):
+            img, mask = defective_part(rng, 256, kind, strength=float(rng.uniform(*strength)))
+            save(img, root / "test" / kind / f"{i:03d}.png")
+            save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+    return root
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -465,7 +498,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also report headline figures for n0 = 5, 10 and with Perlin synthetic NG",
     )
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "threshold_quality")
+    p.add_argument(
+        "--make-faint-product",
+        type=Path,
+        metavar="DIR",
+        help="write the faint-defect procedural product (make_faint_product) to DIR and exit",
+    )
     args = p.parse_args(argv)
+    if args.make_faint_product is not None:
+        say(f"wrote {make_faint_product(args.make_faint_product)}")
+        return 0
     sha = manifest_sha256(args.model)
     ts = test_scores(args.model, args.data, args.cache / f"test_scores_{sha[:12]}.json")
     perlin = perlin_scores(args.model, args.data, args.cache / f"perlin_{sha[:12]}.json", args.seed)

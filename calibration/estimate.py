@@ -8,7 +8,9 @@ Modes (the product takes the operating point as input; no fixed rule suits every
 - ``cost`` (the default): least expected cost per part at the operating point (a miss
   costs ``cost_ratio`` false rejects at defect ``prevalence``). It is the default because it
   is the only mode whose objective is the factory's own trade-off; F1 silently assumes
-  the test split's NG share and a target FPR ignores what misses cost.
+  the test split's NG share and a target FPR ignores what misses cost. While the NG
+  evidence is mostly synthetic, the threshold is at most the normal scores' 99th
+  percentile (:func:`synthetic_ceiling`).
 - ``miss_rate``: miss rate at most ``miss_rate`` at the weakest synthetic severity that must
   be caught (``required_severity``), or on the fused NG evidence when none is named.
 
@@ -191,6 +193,31 @@ def _f1(
     return t.value, t.method, notes
 
 
+#: while the NG evidence is mostly synthetic, the cost threshold is at most this quantile
+#: of the pooled normal scores (the normal 99th percentile rule; decision 0303)
+SYNTHETIC_CEILING_QUANTILE = 0.99
+#: ... mostly synthetic: the synthetic share of the fused NG evidence is at least this
+#: (with the fusion prior n0, up to n0 confirmed real NG)
+SYNTHETIC_CEILING_WEIGHT = 0.5
+
+
+def synthetic_ceiling(ev: fusion.FusedEvidence) -> float | None:
+    """The highest threshold the cost rule may choose on ``ev``, or None when unbounded.
+
+    Bounded while synthetic NG is at least SYNTHETIC_CEILING_WEIGHT of the fused NG
+    evidence: the pooled normal scores' SYNTHETIC_CEILING_QUANTILE. Lowering a threshold
+    to it costs at most about 1% of good parts in false rejects, a premium the normal
+    evidence measures; synthetic look-alikes have made real defects look easier to catch
+    than they were (magnetic tile, issue 15's other products), and then a threshold above
+    it misses more than the premium is worth (decision 0303).
+    """
+    if ev.synthetic_weight < SYNTHETIC_CEILING_WEIGHT or not ev.n_synthetic:
+        return None
+    if not ev.normal.size:
+        return None
+    return float(np.quantile(ev.normal, SYNTHETIC_CEILING_QUANTILE))
+
+
 def _cost(
     ev: fusion.FusedEvidence, _sets: Sequence[ScoreSet], o: CalibrationOptions
 ) -> tuple[float, str, Notes]:
@@ -203,7 +230,11 @@ def _cost(
         "threshold_low": t.value_low,
         "threshold_high": t.value_high,
     }
-    return t.value, t.method, notes
+    ceiling = synthetic_ceiling(ev)
+    if ceiling is None or t.value <= ceiling:
+        return t.value, t.method, notes
+    notes.update(cost_optimum=t.value, synthetic_ceiling=ceiling)
+    return ceiling, "min_expected_cost_synthetic_ceiling", notes
 
 
 def _miss_rate(

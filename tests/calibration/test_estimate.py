@@ -92,3 +92,39 @@ def test_options_and_keyword_overrides_agree(simulated: Callable[..., list[Score
     assert a == b
     with pytest.raises(ConfigError, match="unknown option"):
         calibrate(sets, modes="f1")
+
+
+def test_mostly_synthetic_cost_threshold_is_at_most_the_normal_99th_percentile(
+    make_set: Callable[..., ScoreSet],
+) -> None:
+    """While synthetic NG weigh at least half (k <= n0 = 2 real NG), a cost optimum above
+    the normal p99 is brought down to it; from k = 3 the cost optimum stands (decision 0303)."""
+    rng = np.random.default_rng(1)
+    normal = rng.normal(0.0, 1.0, 1000)
+    sets = [
+        make_set("normal_loo", normal),
+        make_set("glass_feature", rng.normal(8.0, 0.5, 200), 1.0),
+        make_set("glass_feature", rng.normal(9.0, 0.5, 200), 2.0),
+    ]
+    op = OperatingPoint(prevalence=0.02, cost_ratio=10.0)
+    k0 = calibrate(sets, mode="cost", operating_point=op, n_boot=0)
+    q99 = float(np.quantile(normal, 0.99))
+    assert k0.value == pytest.approx(q99)
+    assert k0.method == "min_expected_cost_synthetic_ceiling"
+    assert float(k0.notes["cost_optimum"] or 0) > q99 + 2.0  # the optimum sat above it
+    real = rng.normal(8.5, 0.5, 3)
+    k2 = calibrate([*sets, make_set("real_ng", real[:2])], mode="cost", operating_point=op)
+    assert k2.value == pytest.approx(q99)
+    k3 = calibrate([*sets, make_set("real_ng", real)], mode="cost", operating_point=op, n_boot=0)
+    assert k3.method == "min_expected_cost" and k3.value > q99 + 2.0
+
+
+def test_the_synthetic_only_ceiling_never_raises_a_threshold(
+    simulated: Callable[..., list[ScoreSet]],
+) -> None:
+    """Where the synthetic cost optimum is already below the normal p99 it is kept as is."""
+    sets = simulated()
+    op = OperatingPoint(prevalence=0.02, cost_ratio=1000.0)
+    t = calibrate(sets, mode="cost", operating_point=op, n_boot=0)
+    normal = np.concatenate([s.scores for s in sets if s.source == "normal_loo"])
+    assert t.method == "min_expected_cost" and t.value < float(np.quantile(normal, 0.99))
