@@ -14,7 +14,10 @@ and the same KS for GLASS's image-space NG (``glass_image`` of a glass run on th
 model). Threshold effect: the ``threshold_quality`` protocol at k = 2 (test good split in a
 calibration and an evaluation half per repeat; the 2 confirmed real NG are drawn from the
 given references; cost mode at prevalence 0.02 and cost ratios 10 and 100, regret summed)
-with normal + GLASS + 2 real NG evidence, and with the diffusion set added.
+with normal + GLASS + 2 real NG evidence, and with the diffusion set added. The gate audit
+(``gate_real_heldout``): ``--gate-real`` held-out real NG per type go through the same gate,
+each against itself with its mask re-filled by a good image's texture; a realistic gate
+passes most of them. ``--strength`` sets the reference-guided start (decision 0401).
 Prints one JSON object on stdout; progress goes to stderr.
 """
 

@@ -130,6 +130,13 @@ def add_diffusion_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--train-steps", type=int, default=None, help="fewshot training steps")
     p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="fewshot: start from the re-placed real defect noised to this fraction of the "
+        "schedule (SDEdit; 1 = from pure noise; default 0.6)",
+    )
+    p.add_argument(
         "--sd-resolution", type=int, default=512, help="pretrained: inpainting size in pixels"
     )
     p.add_argument("--sd-steps", type=int, default=30, help="pretrained: inference steps")
@@ -173,6 +180,8 @@ def run_diffusion(args: argparse.Namespace) -> int:
     fewshot = FewShotConfig(seed=args.seed)
     if args.train_steps is not None:
         fewshot = dataclasses.replace(fewshot, train_steps=args.train_steps)
+    if args.strength is not None:
+        fewshot = dataclasses.replace(fewshot, strength=args.strength)
     options = DiffusionOptions(
         count=args.count,
         candidates=args.candidates,

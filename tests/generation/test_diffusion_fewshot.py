@@ -95,7 +95,8 @@ def test_cli_writes_a_glass_like_folder_that_calibrate_accepts(
         [
             "generate", "diffusion", "--model", str(demo_ng_model), "--data", str(d),
             "--out", str(out), "--ng", str(d / "test" / "spot"), "--ng", str(d / "test" / "dent"),
-            "--count", "4", "--candidates", "2", "--train-steps", "3", "--device", "cpu",
+            "--count", "4", "--candidates", "2", "--train-steps", "3", "--strength", "0.5",
+            "--device", "cpu",
             "--no-progress",
         ]
     )  # fmt: skip
@@ -110,6 +111,8 @@ def test_cli_writes_a_glass_like_folder_that_calibrate_accepts(
         assert (out / row["image"]).is_file() and (out / row["mask"]).is_file()
         assert _png(out / row["mask"]).shape == (SIZE, SIZE)
         assert row["group"] in ("spot", "dent")
+        # every target has a source reference here: each starts from its re-placed defect
+        assert row["backend"]["guided"] is True and row["backend"]["strength"] == 0.5
     ss = load_scoreset(out / "scores" / "diffusion.json")
     kept = [r for r in index if r["kept"]]
     assert ss.source == "diffusion" and len(ss) == len(kept)

@@ -144,3 +144,12 @@ def test_a_defect_on_the_image_edge_stays_on_the_edge_it_touched() -> None:
             assert edge.any(), p
             if not quarter:
                 assert p.rot in (0, 2)
+
+
+def test_a_strength_outside_zero_to_one_is_a_config_error() -> None:
+    from ngcal.core.errors import ConfigError
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError):
+            FewShotConfig(strength=bad)
+    assert FewShotConfig(strength=1.0).strength == 1.0
