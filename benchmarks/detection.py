@@ -1,11 +1,12 @@
 """Detection benchmark: what ``ngcal fit`` with its defaults detects on each product, at
 what fit time and edge latency, against the old default (256 px square, top-10 mean).
 
-    python benchmarks/detection.py [--data D ...] [--demo] [--table] [--no-default-data]
+    python benchmarks/detection.py [--data D ...] [--demo] [--table] [--long] [--no-default-data]
         [--ablation K,..] [--search] [--save F]
 
 Per product (``--data``, repeatable; ``--demo`` adds the procedural demo product,
-``--table`` the procedural part on a cluttered table, ``detection_products``) it runs
+``--table`` the procedural part on a cluttered table, ``--long`` a 1:2.5 long part,
+``detection_products``) it runs
 ``ngcal fit`` with no size or rule (so ``--auto`` chooses from good images and synthetic NG
 only), scores the labelled test split once (test labels are used for the figures only,
 never for a choice) and prints one JSON object: ``image_auroc``, ``pixel_auroc``,
@@ -241,6 +242,9 @@ ABLATION = {
     "square_320": ["--image-size", "320"],
     "keep_aspect_288": ["--image-size", "288", "--aspect", "keep"],
     "square_288": ["--image-size", "288"],
+    "keep_aspect_320": ["--image-size", "320", "--aspect", "keep"],
+    "keep_aspect_416": ["--image-size", "416", "--aspect", "keep"],
+    "keep_aspect_448": ["--image-size", "448", "--aspect", "keep"],
     "foreground_on": ["--image-size", "256", "--foreground", "on"],
 }
 
@@ -281,6 +285,7 @@ def main() -> int:
         action="store_true",
         help="add the procedural part on a cluttered table (detection_products)",
     )
+    ap.add_argument("--long", action="store_true", help="add the procedural 1:2.5 long part")
     ap.add_argument(
         "--no-default-data",
         action="store_true",
@@ -310,6 +315,10 @@ def main() -> int:
             from detection_products import make_part_on_table
 
             datas.append(make_part_on_table(tmp / "table", seed=0))
+        if args.long:
+            from detection_products import make_long_part
+
+            datas.append(make_long_part(tmp / "long", seed=0))
         for data in datas:
             res = product(data, tmp, args)
             print(json.dumps(res), flush=True)

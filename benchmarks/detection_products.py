@@ -1,4 +1,10 @@
-"""Procedural products for the detection benchmark: a part on a cluttered table.
+"""Procedural products for the detection benchmark: a part on a cluttered table, and a
+long, narrow part.
+
+``make_long_part`` writes a 1:2.5 frame filled by a machined bar (shading, tool marks
+across its length, grain) with small, faint defects (radius 3-6 px, scratches 15-35 px
+long, contrast 12-30 grey levels, in a 256 x 640 frame): squashed to a square the long
+axis shrinks 2.5x and the defects with it.
 
 ``make_part_on_table`` writes an MVTec-layout category whose parts do not fill the frame:
 a round machined part (the demo product's surface, ``ngcal.generation.demo_data``) lies
@@ -109,6 +115,73 @@ def make_part_on_table(
         for i in range(n_test_per_defect):
             img, part, cy, cx = _part(rng, size)
             bad, mask = _defect(rng, img, part, cy, cx, kind)
+            save(bad, root / "test" / kind / f"{i:03d}.png")
+            save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+    return root
+
+
+def _bar(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A defect-free long bar filling the frame: float32 [h, w] in [0, 255]."""
+    coarse = rng.random((4, 8)).astype(np.float32)
+    shade = np.asarray(
+        Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC), np.float32
+    )
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    marks = 6 * np.sin(2 * np.pi * xx / rng.uniform(5.0, 6.0) + rng.uniform(0, 2 * np.pi))
+    grain = rng.normal(0, 5, (h, w))
+    return (110 + 25 * (shade - 0.5) + rng.normal(0, 4) + marks + grain).astype(np.float32)
+
+
+def _small_defect(
+    rng: np.random.Generator, img: np.ndarray, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` with one small defect of ``kind`` (pixel sizes), and its mask."""
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dy, dx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.05, 0.95) * w
+    contrast = rng.uniform(12, 30)
+    if kind == "spot":
+        r = rng.uniform(3, 6)
+        profile = np.exp(-((xx - dx) ** 2 + (yy - dy) ** 2) / (2 * r * r))
+        return img - contrast * profile, profile > 0.3
+    if kind == "scratch":
+        t = rng.uniform(0, np.pi)
+        length = rng.uniform(15, 35)
+        u = (xx - dx) * np.cos(t) + (yy - dy) * np.sin(t)
+        v = -(xx - dx) * np.sin(t) + (yy - dy) * np.cos(t)
+        width = rng.uniform(0.8, 1.5)
+        profile = np.exp(-(v**2) / (2 * width * width)) * (np.abs(u) < length / 2)
+        return img - contrast * profile, profile > 0.2
+    r = rng.uniform(3, 6)
+    d = np.sqrt((xx - dx) ** 2 + (yy - dy) ** 2) / r
+    profile = -np.exp(-(d**2)) + 0.8 * np.exp(-((d - 1.2) ** 2) / 0.08)
+    return img + contrast * profile, d < 1.4
+
+
+def make_long_part(
+    root: str | Path,
+    *,
+    n_train: int = 80,
+    n_test_good: int = 40,
+    n_test_per_defect: int = 15,
+    hw: tuple[int, int] = (256, 640),
+    seed: int = 0,
+) -> Path:
+    """Write the long-part category under ``root`` (MVTec-AD layout, grayscale PNG)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+
+    def save(arr: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(path)
+
+    for i in range(n_train):
+        save(_bar(rng, *hw), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        save(_bar(rng, *hw), root / "test" / "good" / f"{i:03d}.png")
+    for kind in DEFECTS:
+        for i in range(n_test_per_defect):
+            bad, mask = _small_defect(rng, _bar(rng, *hw), kind)
             save(bad, root / "test" / kind / f"{i:03d}.png")
             save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
     return root
