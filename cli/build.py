@@ -65,7 +65,11 @@ def _config_model() -> Any:
         model_config = ConfigDict(extra="forbid", frozen=True)
 
     class Fit(_Section):
-        image_size: int = Field(default=256, ge=32)
+        #: None: ``ngcal fit`` chooses the geometry (``--auto``); a side pins it
+        image_size: int | None = Field(default=None, ge=32)
+        #: ``ngcal fit --auto``: image-score rule and part mask chosen from good images and
+        #: synthetic NG (and the geometry too when ``image_size`` is None)
+        auto: bool = True
         max_images: int | None = Field(default=None, ge=1)
         coreset_ratio: float = Field(default=0.01, gt=0, le=1)
         cv_folds: int = Field(default=5, ge=0)
@@ -240,7 +244,10 @@ class Build:
                 "fit",
                 [
                     *("--data", str(self.data), "--out", str(self.model)),
-                    *("--image-size", str(fit.image_size), "--seed", str(fit.seed)),
+                    *(() if fit.image_size is None else ("--image-size", str(fit.image_size))),
+                    *(("--auto",) if fit.auto else ()),
+                    "--seed",
+                    str(fit.seed),
                     *("--coreset-ratio", str(fit.coreset_ratio), "--cv-folds", str(fit.cv_folds)),
                     *(() if fit.max_images is None else ("--max-images", str(fit.max_images))),
                     "--quiet",

@@ -49,6 +49,9 @@ def test_build_writes_a_verified_bundle_and_reuses_finished_steps(
     assert "image AUROC" in text and "of good parts" in text and "%" in text
     assert "<title>ngcal calibration: demo part" in (out / "report.html").read_text()
     assert json.loads((out / "evaluation.json").read_text())["image_auroc"] is not None
+    # build fits as ``ngcal fit --auto`` does: the rule (and part mask) chosen with evidence
+    settings = {c.setting for c in bundle.manifest.patchcore.choices}
+    assert "image_score" in settings, settings
 
     assert main(argv) == 0
     again = capsys.readouterr().out
