@@ -22,6 +22,14 @@ Outputs under ``out``: ``scores/glass_feature_s<s>.json`` (one per severity),
 
 One severity gives a narrow score spread, so calibration pools a severity *range*
 (evidence: ``docs/decisions/0006``, ``benchmarks/glass.py``).
+
+On the part (``docs/decisions/0203``): when the model has a part mask (``fit --foreground``,
+``PatchCoreSpec.foreground``), background patches do not count in its image score, so an
+anomaly drawn there would score as good. Every LAS and GAS Perlin region is then cut to
+the mask upsampled to the image (``perlin_mask_on_part``: redrawn, a bounded number of
+times, when cut to less than a patch cell) and GAS replaces features only on part
+patches; ``glass_run.json`` records the mask and the redraws, and the contact sheet
+outlines the part in green. Without a mask every region and score is as before.
 """
 
 from __future__ import annotations
@@ -54,7 +62,14 @@ from .gas import (
 )
 from .heldout import HeldOutScorer, TrainImage, bank_sources, training_index
 from .las import LasSample, contact_sheet, save_png, synthesize
-from .perlin import AnomalyMask, otsu_foreground, perlin_mask
+from .perlin import (
+    PART_TRIES,
+    AnomalyMask,
+    cells_to_pixels,
+    otsu_foreground,
+    perlin_mask,
+    perlin_mask_on_part,
+)
 from .textures import TextureBank
 
 log = logging.getLogger(__name__)
@@ -80,6 +95,8 @@ class GlassOptions:
     beta: float | None = None
     hidden: int = 1024
     device: str = "auto"
+    #: place anomalies on the model's part mask when it has one (False: anywhere, as before)
+    part_mask: bool = True
     gas: GasConfig = field(default_factory=GasConfig)
 
     def __post_init__(self) -> None:
@@ -186,6 +203,15 @@ class _Run:
     feats_held: torch.Tensor
     feats_pool: torch.Tensor
     progress: bool
+    #: the model's part mask bool [h, w] when anomalies go on the part only, else None
+    part: np.ndarray | None = None
+
+    @property
+    def part_pixels(self) -> np.ndarray | None:
+        """The part mask at image size, bool [S, S] (None: anywhere)."""
+        if self.part is None:
+            return None
+        return cells_to_pixels(self.part, (self.size, self.size))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -250,6 +276,10 @@ def _prepare(
         feats_pool=torch.empty(0),
         progress=progress,
     )
+    module = loaded.module
+    if options.part_mask and module.has_foreground:
+        grid = run.grid
+        run.part = module.foreground.detach().cpu().numpy().reshape(grid) > 0.5
     run.feats_held = run.embed(run.held_rgb, "embed held-out")
     run.feats_pool = run.embed(run.pool_rgb, "embed pool")
     return run
@@ -264,11 +294,14 @@ def _las_step(run: _Run) -> tuple[list[LasSample], np.ndarray, torch.Tensor, tor
 
     opts, n_held = run.options, len(run.held_rgb)
     textures = TextureBank(size=run.size, own_images=run.pool_rgb, folder=opts.textures)
+    part = run.part_pixels
     las: list[LasSample] = []
     for j in tqdm(range(opts.count), desc="LAS images", disable=not run.progress, mininterval=1.0):
         base = run.held_rgb[j % n_held]
         fg = otsu_foreground(base[..., 0]) if opts.foreground else None
-        las.append(synthesize(base, textures, run.grid, run.rng, foreground=fg, beta=opts.beta))
+        las.append(
+            synthesize(base, textures, run.grid, run.rng, foreground=fg, beta=opts.beta, part=part)
+        )
     scores = np.zeros(opts.count)
     feats = []
     for grp in _groups(list(range(opts.count)), opts.group_size):
@@ -294,6 +327,7 @@ def _las_step(run: _Run) -> tuple[list[LasSample], np.ndarray, torch.Tensor, tor
                 "texture": x.texture,
                 "mask_fraction": float(x.mask.mean()),
                 "score": float(scores[j]),
+                "redraws": x.redraws,
             }
         )
     atomic_write_json(las_dir / "index.json", {"schema": "ngcal.las_index/1", "items": rows})
@@ -301,7 +335,8 @@ def _las_step(run: _Run) -> tuple[list[LasSample], np.ndarray, torch.Tensor, tor
         [
             (las[j].image, las[j].mask, f"{j:04d} b={las[j].beta:.2f} s={scores[j]:.2f}")
             for j in range(min(24, len(las)))
-        ]
+        ],
+        part=part,
     )
     save_png(str(run.out / "contact_sheet.png"), sheet)
     dim = run.feats_pool.shape[-1]
@@ -309,14 +344,33 @@ def _las_step(run: _Run) -> tuple[list[LasSample], np.ndarray, torch.Tensor, tor
     return las, scores, torch.cat(feats).reshape(-1, dim), torch.from_numpy(labels).to(run.device)
 
 
+def _gas_regions(run: _Run) -> tuple[list[AnomalyMask], int, int]:
+    """One Perlin region per item (on the part when the model has a mask): (masks,
+    redraws, regions taken below the minimum after every try)."""
+    shape = (run.size, run.size)
+    part = run.part_pixels
+    if part is None:
+        return [perlin_mask(shape, run.grid, run.rng) for _ in range(run.options.count)], 0, 0
+    regions = [
+        perlin_mask_on_part(shape, run.grid, run.rng, part) for _ in range(run.options.count)
+    ]
+    return (
+        [r.mask for r in regions],
+        sum(r.redraws for r in regions),
+        sum(r.short for r in regions),
+    )
+
+
 def _gas_step(
     run: _Run, bands: list[Band], centre_map: torch.Tensor, disc: Discriminator
-) -> tuple[list[np.ndarray], list[AnomalyMask]]:
-    """GAS features under one Perlin region per item (same for every severity), scored."""
+) -> tuple[list[np.ndarray], list[AnomalyMask], int, int]:
+    """GAS features under one Perlin region per item (same for every severity), scored.
+
+    Returns (scores per severity, regions, redraws, short regions)."""
     from tqdm import tqdm
 
     opts = run.options
-    masks = [perlin_mask((run.size, run.size), run.grid, run.rng) for _ in range(opts.count)]
+    masks, redraws, short = _gas_regions(run)
     per_severity = []
     for s, band in zip(opts.severities, bands, strict=True):
         scores = np.zeros(opts.count)
@@ -330,7 +384,28 @@ def _gas_step(
             _, sc = run.scorer.head(f, run.fit_indices(grp))
             scores[grp] = sc.double().cpu().numpy()
         per_severity.append(scores)
-    return per_severity, masks
+    return per_severity, masks, redraws, short
+
+
+def _part_summary(
+    run: _Run, las: Sequence[LasSample], gas_redraws: int, gas_short: int
+) -> dict[str, object]:
+    """What ``glass_run.json`` records about placing anomalies on the model's part mask."""
+    has = bool(run.loaded.module.has_foreground)
+    if run.part is None:
+        why = "the model has no part mask" if not has else "part_mask=False (anywhere)"
+        return {"used": False, "model_has_mask": has, "why": why}
+    return {
+        "used": True,
+        "model_has_mask": True,
+        "coverage": float(run.part.mean()),
+        "max_tries": PART_TRIES,
+        "las_redraws": int(sum(x.redraws for x in las)),
+        "las_short": int(sum(x.short for x in las)),
+        "gas_redraws": int(gas_redraws),
+        "gas_short": int(gas_short),
+        "regions": run.options.count,
+    }
 
 
 def generate_glass(
@@ -367,7 +442,7 @@ def generate_glass(
             generator=run.tgen,
             progress=progress,
         )
-    per_severity, masks = _gas_step(run, bands, centre_map, disc)
+    per_severity, masks, gas_redraws, gas_short = _gas_step(run, bands, centre_map, disc)
 
     sha = run.loaded.sha256
     common_meta = {
@@ -379,6 +454,7 @@ def generate_glass(
         "centre_radius": centre_radius,
         "holdout": "train/good images scored without the memory bank rows they contributed",
         "gas": asdict(options.gas),
+        "part_mask": run.part is not None,
     }
     ids = tuple(f"{run.items[j].sample.item_id}#{j}" for j in range(options.count))
     feature_sets = []
@@ -421,6 +497,7 @@ def generate_glass(
             for s, x in zip(options.severities, feature_sets, strict=True)
         },
         "image_median": float(np.median(las_scores)),
+        "part_mask": _part_summary(run, las, gas_redraws, gas_short),
     }
     atomic_write_json(out / "glass_run.json", summary)
     return GlassOutput(tuple(feature_sets), image_set, out, out / "contact_sheet.png", summary)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ngcal.core.errors import ConfigError
 
-from .perlin import MaskMode, perlin_mask
+from .perlin import MaskMode, perlin_mask, perlin_mask_on_part
 from .textures import TextureBank, TextureKind
 
 #: GLASS's blend factor distribution: beta ~ N(BETA_MEAN, BETA_STD) clipped to BETA_RANGE.
@@ -34,7 +34,9 @@ class LasSample:
 
     ``image`` uint8 RGB [H, W, 3]; ``mask`` bool [H, W] (True = synthetic anomaly);
     ``cells`` bool [h, w] on the patch grid; ``beta`` the share of the original image kept
-    inside the mask; ``mode`` the Perlin combination; ``texture`` the texture source.
+    inside the mask; ``mode`` the Perlin combination; ``texture`` the texture source;
+    ``redraws`` the Perlin regions drawn again because the part mask cut them too small,
+    ``short`` when every try did (0/False without a part mask).
     """
 
     image: np.ndarray
@@ -43,6 +45,8 @@ class LasSample:
     beta: float
     mode: MaskMode
     texture: TextureKind
+    redraws: int = 0
+    short: bool = False
 
 
 def blend(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
@@ -77,22 +81,40 @@ def synthesize(
     *,
     foreground: np.ndarray | None = None,
     beta: float | None = None,
+    part: np.ndarray | None = None,
 ) -> LasSample:
     """One LAS sample from a good uint8 RGB ``image`` [S, S, 3] (already at model size).
 
     ``grid`` is the patch grid (h, w); ``beta`` fixes the blend (default: drawn as GLASS);
-    ``foreground`` optional bool [S, S].
+    ``foreground`` optional bool [S, S]; ``part`` optional bool [S, S], the model's part
+    mask at image size: the Perlin region is cut to it (``perlin_mask_on_part``, redrawn
+    when cut too small; with ``foreground`` too, to both).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ConfigError(f"LAS needs uint8 RGB [H, W, 3], got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
     if textures.size != h or h != w:
         raise ConfigError(f"LAS image {image.shape} does not match texture size {textures.size}")
-    am = perlin_mask((h, w), grid, rng, foreground=foreground)
+    redraws, short = 0, False
+    if part is None:
+        am = perlin_mask((h, w), grid, rng, foreground=foreground)
+    else:
+        allowed = part.astype(bool) if foreground is None else part.astype(bool) & foreground
+        region = perlin_mask_on_part((h, w), grid, rng, allowed)
+        am, redraws, short = region.mask, region.redraws, region.short
     tex, kind = textures.draw(rng)
     b = draw_beta(rng) if beta is None else float(beta)
     out = blend(image, tex, am.pixels, b)
-    return LasSample(image=out, mask=am.pixels, cells=am.cells, beta=b, mode=am.mode, texture=kind)
+    return LasSample(
+        image=out,
+        mask=am.pixels,
+        cells=am.cells,
+        beta=b,
+        mode=am.mode,
+        texture=kind,
+        redraws=redraws,
+        short=short,
+    )
 
 
 def save_png(path: str, rgb_or_mask: np.ndarray) -> None:
@@ -105,11 +127,17 @@ def save_png(path: str, rgb_or_mask: np.ndarray) -> None:
 
 
 def contact_sheet(
-    samples: list[tuple[np.ndarray, np.ndarray, str]], *, columns: int = 6, tile: int = 192
+    samples: list[tuple[np.ndarray, np.ndarray, str]],
+    *,
+    columns: int = 6,
+    tile: int = 192,
+    part: np.ndarray | None = None,
 ) -> np.ndarray:
     """A grid of images with their mask outlines in red and a caption strip.
 
-    ``samples`` are (uint8 RGB [H, W, 3], bool mask [H, W], caption). Returns uint8 RGB.
+    ``samples`` are (uint8 RGB [H, W, 3], bool mask [H, W], caption); ``part`` optional
+    bool [H, W], the part mask anomalies were placed on, outlined in green on every tile.
+    Returns uint8 RGB.
     """
     from PIL import ImageDraw
 
@@ -120,23 +148,33 @@ def contact_sheet(
     cap = 14
     sheet = Image.new("RGB", (cols * tile, rows * (tile + cap)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
+    part_edge = None
+    if part is not None:
+        p = _to_tile(part, tile)
+        part_edge = p & ~_erode(p)  # just inside the part: anomalies touching it stay red
     for i, (img, mask, caption) in enumerate(samples):
         im = Image.fromarray(img, mode="RGB").resize((tile, tile), Image.Resampling.BILINEAR)
-        m = (
-            np.asarray(
-                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize(
-                    (tile, tile), Image.Resampling.NEAREST
-                )
-            )
-            > 127
-        )
+        m = _to_tile(mask, tile)
         edge = _dilate(m) & ~m  # outline just outside, the anomaly itself stays visible
         arr = np.asarray(im).copy()
+        if part_edge is not None:
+            arr[part_edge] = (0, 200, 0)
         arr[edge] = (255, 0, 0)
         r, c = divmod(i, cols)
         sheet.paste(Image.fromarray(arr, mode="RGB"), (c * tile, r * (tile + cap)))
         draw.text((c * tile + 2, r * (tile + cap) + tile), caption[:40], fill=(230, 230, 230))
     return np.asarray(sheet, dtype=np.uint8)
+
+
+def _to_tile(mask: np.ndarray, tile: int) -> np.ndarray:
+    """A bool mask resized (nearest) to a square tile."""
+    small = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return np.asarray(small.resize((tile, tile), Image.Resampling.NEAREST)) > 127
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    """3x3 binary erosion (outside the frame counts as set)."""
+    return ~_dilate(~m)
 
 
 def _dilate(m: np.ndarray) -> np.ndarray:

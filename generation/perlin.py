@@ -31,6 +31,8 @@ MIN_SCALE_EXP = 0
 MAX_SCALE_EXP = 6
 #: Threshold on the (rotated) noise; GLASS and DRAEM use 0.5.
 NOISE_THRESHOLD = 0.5
+#: Perlin regions drawn at most this many times to find one that the part mask keeps.
+PART_TRIES = 20
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -156,6 +158,69 @@ def perlin_mask(
         if m.any():
             return AnomalyMask(pixels=m, cells=pool_to_grid(m, grid), mode=chosen)
     raise ConfigError(f"no non-empty Perlin mask in {max_tries} draws (empty foreground?)")
+
+
+def cells_to_pixels(cells: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
+    """Upsample a bool patch-grid mask [h, w] to pixels [H, W] on ``pool_to_grid``'s cell
+    boundaries, so that ``pool_to_grid(cells_to_pixels(c, s), c.shape)`` is ``c`` again and a
+    region inside the pixels never pools onto a cell outside ``cells``."""
+    gh, gw = cells.shape
+    h, w = int(image_shape[0]), int(image_shape[1])
+    if h < gh or w < gw:
+        raise ConfigError(f"image {image_shape} is smaller than the patch grid {cells.shape}")
+    ys = np.diff((np.arange(gh + 1) * h) // gh)
+    xs = np.diff((np.arange(gw + 1) * w) // gw)
+    out: np.ndarray = np.repeat(np.repeat(cells.astype(bool), ys, axis=0), xs, axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class PartRegion:
+    """A Perlin region cut to a part: the ``mask``, how many regions were drawn after the
+    first (``redraws``) and whether every try fell below the minimum (``short``: the largest
+    cut is used)."""
+
+    mask: AnomalyMask
+    redraws: int
+    short: bool
+
+
+def perlin_mask_on_part(
+    image_shape: tuple[int, int],
+    grid: tuple[int, int],
+    rng: np.random.Generator,
+    part: np.ndarray,
+    *,
+    max_tries: int = PART_TRIES,
+) -> PartRegion:
+    """A GLASS Perlin region (``perlin_mask``, drawn anywhere) intersected with ``part``
+    (bool [H, W]: where anomalies may lie).
+
+    A region is redrawn when the part cut it to less than one patch cell of pixels (a region
+    drawn smaller than a cell is kept when it lies wholly on the part), at most
+    ``max_tries`` draws; then the largest cut seen is used (``short``). With ``part`` all
+    True the first draw is kept: the same region and generator state as ``perlin_mask``.
+    ConfigError when ``part`` is empty or no draw touches it.
+    """
+    if part.shape != tuple(image_shape):
+        raise ConfigError(f"part mask shape {part.shape} does not match image {image_shape}")
+    allowed = part.astype(bool)
+    if not allowed.any():
+        raise ConfigError("the part mask is empty: nowhere to place an anomaly")
+    cell = image_shape[0] * image_shape[1] / (grid[0] * grid[1])
+    best: AnomalyMask | None = None
+    for tries in range(max(1, max_tries)):
+        drawn = perlin_mask(image_shape, grid, rng)
+        kept = drawn.pixels & allowed
+        n_kept = int(kept.sum())
+        cut = AnomalyMask(pixels=kept, cells=pool_to_grid(kept, grid), mode=drawn.mode)
+        if n_kept >= min(int(drawn.pixels.sum()), cell):
+            return PartRegion(cut, redraws=tries, short=False)
+        if n_kept and (best is None or n_kept > int(best.pixels.sum())):
+            best = cut
+    if best is None:
+        raise ConfigError(f"no Perlin region touched the part in {max_tries} draws")
+    return PartRegion(best, redraws=max(1, max_tries) - 1, short=True)
 
 
 def otsu_foreground(gray: np.ndarray) -> np.ndarray:
