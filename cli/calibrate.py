@@ -212,6 +212,14 @@ def run(args: argparse.Namespace) -> int:
         f"miss rate {rate(t.expected_fnr)}"
     )
     print(sentence(t))
+    ceiling, optimum = t.notes.get("synthetic_ceiling"), t.notes.get("cost_optimum")
+    if t.method.endswith("_synthetic_ceiling") and ceiling is not None and optimum is not None:
+        print(
+            f"capped at the good parts' 99th percentile ({float(ceiling):.6g}; the cost optimum "
+            f"on the evidence was {float(optimum):.6g}): the defect evidence is mostly "
+            "synthetic, and look-alikes have read easier to catch than real defects "
+            "(docs/decisions/0303)"
+        )
     fnr = t.expected_fnr.value if t.expected_fnr else None
     if fnr is not None and fnr > WARN_MISS_RATE:
         ratio = t.operating_point.cost_ratio if t.operating_point else args.cost_ratio

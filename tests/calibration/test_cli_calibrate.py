@@ -104,3 +104,26 @@ def test_calibrate_states_the_trade_off_and_warns_on_many_misses(
         main(["calibrate", "--model", str(model), "--cost-ratio", "1000", "--out", str(out)]) == 0
     )
     assert "warning:" not in capsys.readouterr().out
+
+
+def test_calibrate_says_when_the_synthetic_ceiling_capped_the_threshold(
+    tmp_path: Path, make_set: Callable[..., ScoreSet], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Synthetic NG far above the good parts: the cost optimum is capped at the good parts'
+    99th percentile (decision 0303) and the printed output says so, with both values."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    sets = [
+        make_set("normal_loo", rng.normal(0.0, 1.0, 1000)),
+        make_set("glass_feature", rng.normal(8.0, 0.5, 200), 1.0),
+        make_set("glass_feature", rng.normal(9.0, 0.5, 200), 2.0),
+    ]
+    model = _model_dir(tmp_path / "model", sets)
+    out = tmp_path / "t.json"
+    assert main(["calibrate", "--model", str(model), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    t = load_thresholds(out)
+    assert t.method == "min_expected_cost_synthetic_ceiling"
+    assert "capped at the good parts' 99th percentile" in text
+    assert f"{t.value:.6g}" in text and f"{float(t.notes['cost_optimum'] or 0):.6g}" in text
