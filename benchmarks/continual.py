@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/continual.py --product NAME:DATA:MODEL:GLASS [--product ...]
-        [--seeds 3] [--long 1500] [--cache runs/threshold_quality]
+        [--seeds 3] [--long 1500] [--cache runs/threshold_quality] [--audit-share 0.1]
 
 Prints one JSON object (per product and seed: ``regret_initial``, ``regret_final``,
 ``threshold_moves``, ``reversals``) on stdout; progress on stderr. Test-split scores come
@@ -16,10 +16,14 @@ the first threshold is ``calibrate`` (cost mode, defaults) on the model's normal
 and the GLASS sets (what ``ngcal export --thresholds`` ships), then images arrive in the
 daemon's order: score -> verdict (NG when score >= current threshold) -> a simulated
 operator confirms every NG verdict (NG or OK, the truth) and half of the missed defects
-are found downstream and confirmed NG -> every 20 images the daemon's evidence
+are found downstream and confirmed NG; ``--audit-share`` of the OK verdicts are drawn at
+random for audit and truthfully confirmed (``audited``, the daemon's
+``recalibration.audit_share``; 0 turns audits off) -> every 20 images the daemon's evidence
 (``daemon.recalibration.assemble_evidence``: bundle sets, confirmations, the verdict
-stream as the line's good parts) goes to ``calibration.policy.recalibrate`` with the
-daemon's default policy. Two streams per seed: ``split`` (the line half once, shuffled)
+stream as the line's good parts, the audit tally) goes to
+``calibration.policy.recalibrate`` with the daemon's default policy and the audit's
+anchor (``daemon.evidence.audit_anchor`` at the threshold in force, decision 0304). Two
+streams per seed: ``split`` (the line half once, shuffled)
 and ``long`` (``--long`` draws with replacement at 5% defects: many confirmed false
 alarms). ``reversals`` counts applied moves whose direction is opposite to the previous
 applied move's.
@@ -45,6 +49,7 @@ from ngcal.core.manifest import manifest_sha256  # noqa: E402
 from ngcal.core.metrics import min_expected_cost, rates_at  # noqa: E402
 from ngcal.core.scoresets import NORMAL_SOURCES, SYNTHETIC_SOURCES, load_scoresets  # noqa: E402
 from ngcal.core.thresholds import DEFAULT_COST_RATIO, DEFAULT_PREVALENCE  # noqa: E402
+from ngcal.daemon.evidence import audit_anchor  # noqa: E402
 from ngcal.daemon.recalibration import assemble_evidence  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +79,8 @@ def stream_once(
     y_eval: np.ndarray,
     s_eval: np.ndarray,
     rng: np.random.Generator,
+    audit_share: float = 0.0,
+    audit_seed: tuple[int, ...] = (0,),
 ) -> dict[str, Any]:
     """One stream through the daemon's functions; the trajectory's figures."""
     first = calibrate(bundle_sets, mode="cost", n_boot=0)
@@ -83,15 +90,28 @@ def stream_once(
     seen: list[tuple[str, float]] = []
     values = [first.value]
     outcomes: dict[str, int] = {}
+    drawn = passed = caught = 0
+    anchors: list[dict[str, Any]] = []
+    # its own generator: the other draws stay those of audit share 0
+    audit_rng = np.random.default_rng([*audit_seed, 11])
     for n, i in enumerate(order, start=1):
         sha = f"img{n}"
         score = float(s[i])
         seen.append((sha, score))
         ng_verdict = score >= state.current.value
+        label = "NG" if y[i] else "OK"
+        audited = not ng_verdict and audit_rng.random() < audit_share
+        found = not ng_verdict and bool(y[i]) and rng.random() < FOUND_DOWNSTREAM
         if ng_verdict:
-            rows.append({"sha256": sha, "label": "NG" if y[i] else "OK", "score": score})
-        elif y[i] and rng.random() < FOUND_DOWNSTREAM:
-            rows.append({"sha256": sha, "label": "NG", "score": score})
+            rows.append({"sha256": sha, "label": label, "score": score})
+            caught += int(bool(y[i]))
+        else:
+            passed += 1
+            drawn += int(audited)
+            if audited:
+                rows.append({"sha256": sha, "label": label, "score": score, "audited": 1})
+            elif found:
+                rows.append({"sha256": sha, "label": "NG", "score": score})
         if n % EVERY == 0:
             ev = assemble_evidence(
                 bundle_sets,
@@ -99,8 +119,25 @@ def stream_once(
                 seen,
                 model_sha256="",
                 contamination_bound=DEFAULT_PREVALENCE,
+                audit_drawn=drawn,
+                tally=(passed, caught),
             )
-            d = recalibrate(state, list(ev.sets), cfg, actor="benchmark")
+            anchor = audit_anchor(ev.audit, state.current.value)
+            d = recalibrate(state, list(ev.sets), cfg, actor="benchmark", audit=anchor)
+            if d.applied and anchor is not None:
+                anchors.append(
+                    {
+                        "image": n,
+                        "old": d.old.value,
+                        "new": d.new_state.current.value,
+                        "audit_miss": anchor.miss.value,
+                        "audit_low": anchor.miss.low,
+                        "audit_high": anchor.miss.high,
+                        "escaped": anchor.escaped,
+                        "checked": ev.audit.checked,
+                        "anchor": (d.proposed.notes.get("audit_anchor") if d.proposed else None),
+                    }
+                )
             outcomes[d.outcome] = outcomes.get(d.outcome, 0) + 1
             if d.applied:
                 state = d.new_state
@@ -117,7 +154,10 @@ def stream_once(
         "confirmed_ok": sum(r["label"] == "OK" for r in rows),
         "confirmed_ng": sum(r["label"] == "NG" for r in rows),
         "images": len(order),
+        "audited": drawn,
+        "audited_escapes": sum(r["label"] == "NG" for r in rows if r.get("audited")),
         "outcomes": outcomes,
+        "moves_with_audit": anchors,
     }
 
 
@@ -146,8 +186,10 @@ def product(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         long_order = rng.permutation(
             np.r_[rng.choice(good, args.long - n_bad), rng.choice(bad, n_bad)]
         )
-        for stream, order in (("split", split_order), ("long", long_order)):
-            r = stream_once(order, y_all, s_all, sets, y_eval, s_eval, rng)
+        for j, (stream, order) in enumerate((("split", split_order), ("long", long_order))):
+            r = stream_once(
+                order, y_all, s_all, sets, y_eval, s_eval, rng, args.audit_share, (seed, j)
+            )
             out[f"seed{seed}_{stream}"] = r
             say(f"{name} seed {seed} {stream}: {json.dumps(r)}")
     return out
@@ -160,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--long", type=int, default=1500, help="images in the long stream")
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "threshold_quality")
+    p.add_argument(
+        "--audit-share", type=float, default=0.1, help="share of OK verdicts audited (0: none)"
+    )
     args = p.parse_args(argv)
     result: dict[str, Any] = {}
     for spec in args.product:
@@ -177,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "every": EVERY,
         "found_downstream": FOUND_DOWNSTREAM,
         "long_prevalence": LONG_PREVALENCE,
+        "audit_share": args.audit_share,
         "operating_point": {"prevalence": DEFAULT_PREVALENCE, "cost_ratio": DEFAULT_COST_RATIO},
         "policy": "calibration.policy.PolicyConfig defaults (n_boot 0)",
         "products": [s.split(":")[0] for s in args.product],

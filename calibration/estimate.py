@@ -30,7 +30,8 @@ from ngcal.core.errors import ConfigError, DataError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import Interval, OperatingPoint, ScoreSetRef, ThresholdFile
 
-from . import fusion, ng, normal, statements
+from . import audit, fusion, ng, normal, statements
+from .audit import AuditAnchor
 
 MODES: tuple[str, ...] = ("target_fpr", "f1", "cost", "miss_rate")
 DEFAULT_MODE = "cost"
@@ -111,7 +112,7 @@ class CalibrationOptions:
 
     ``target_fpr``/``confidence`` serve mode ``target_fpr``; ``operating_point`` the modes
     ``f1`` and ``cost``; ``miss_rate``/``required_severity`` mode ``miss_rate``. The rest
-    shape the evidence (``prior_pseudo_count``, ``normal_rule``) and the bootstrap.
+    shape the evidence (``prior_pseudo_count``, ``normal_rule``, ``audit``) and the bootstrap.
     """
 
     mode: str = DEFAULT_MODE
@@ -125,6 +126,9 @@ class CalibrationOptions:
     n_boot: int = 200
     level: float = 0.95
     seed: int = 0
+    #: the audited miss rate at the threshold in force; the NG evidence is reweighted to
+    #: agree with it (:func:`ngcal.calibration.audit.anchor`, decision 0304)
+    audit: AuditAnchor | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -330,6 +334,9 @@ def calibrate(
         "synthetic_weight": round(ev.synthetic_weight, 6),
         "prior_pseudo_count": o.prior_pseudo_count,
     }
+    if o.audit is not None:
+        ev, audit_notes = audit.anchor(ev, o.audit)
+        notes.update(audit_notes)
     for name, w in ev.components.items():
         notes[f"weight:{name}"] = round(w, 6)
     if o.mode != "target_fpr" and not ev.ng.scores:

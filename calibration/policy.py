@@ -8,7 +8,11 @@ Guard rails, in the order they are checked by :func:`recalibrate`:
 
 1. minimum evidence: at least ``min_real_ng`` confirmed NG and ``min_real_ok`` confirmed OK;
 2. the evidence must belong to the current model (score sets naming another sha256);
-3. the proposal is :func:`ngcal.calibration.estimate.calibrate` on the evidence;
+3. the proposal is :func:`ngcal.calibration.estimate.calibrate` on the evidence; with an
+   ``audit`` anchor (what random audits of passed parts measured at the threshold in
+   force) the NG evidence is first reweighted to agree with it
+   (:func:`ngcal.calibration.audit.anchor`: confirmations are a selected sample, the
+   audit is not; decision 0304);
 4. hysteresis: a proposed move smaller than ``hysteresis * |current|`` is not applied;
    in mode ``cost``, neither is a move whose expected cost gain is not above its own
    uncertainty (:func:`cost_gain`: the ``1 - gain_level`` bootstrap quantile of the gain
@@ -23,6 +27,7 @@ value as a new version, so the history is append-only.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 from collections.abc import Sequence
@@ -37,6 +42,7 @@ from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import OperatingPoint, ThresholdFile
 
 from . import estimate, fusion, ng
+from .audit import AuditAnchor, anchor
 
 POLICY_STATE_SCHEMA = "ngcal.policy_state/1"
 
@@ -260,11 +266,17 @@ def cost_gain(
     config: PolicyConfig,
     *,
     seed: int = 0,
+    audit: AuditAnchor | None = None,
 ) -> CostGain:
-    """How much the move lowers the expected cost at the operating point, and how surely."""
+    """How much the move lowers the expected cost at the operating point, and how surely.
+
+    With ``audit`` the NG evidence is anchored as :func:`recalibrate`'s proposal was.
+    """
     ev = fusion.fuse(
         evidence, prior_pseudo_count=config.prior_pseudo_count, normal_rule=config.normal_rule
     )
+    if audit is not None:
+        ev, _ = anchor(ev, audit)
     op = config.operating_point
     t = np.asarray([old, new])
 
@@ -292,8 +304,13 @@ def recalibrate(
     *,
     actor: str,
     now: str | None = None,
+    audit: AuditAnchor | None = None,
 ) -> Decision:
-    """Propose a threshold from ``evidence`` and apply it within the guard rails."""
+    """Propose a threshold from ``evidence`` and apply it within the guard rails.
+
+    ``audit``: the audited miss rate at the current threshold (None: no audit evidence;
+    the proposal is then exactly the offline ``calibrate`` on the same evidence).
+    """
     now = _now(now)
     old = state.current
     counts = _counts(evidence)
@@ -306,7 +323,7 @@ def recalibrate(
     ) -> Decision:
         """Audit and return the outcome; ``new`` is applied when ``outcome`` is applied."""
         applied = outcome == "applied"
-        audit = _audit(
+        entry = _audit(
             action="recalibrate",
             actor=actor,
             now=now,
@@ -318,11 +335,17 @@ def recalibrate(
             dry_run=config.dry_run,
             evidence=counts,
         )
-        audit["outcome"] = outcome
+        entry["outcome"] = outcome
+        if audit is not None:
+            entry["audit_anchor"] = {
+                "threshold": audit.threshold,
+                "miss": audit.miss.model_dump(),
+                "escaped": audit.escaped,
+            }
         if new is None or not applied:
-            return Decision(outcome, reason, old, proposed, state, audit)
+            return Decision(outcome, reason, old, proposed, state, entry)
         new_state = PolicyState(current=new, history=(*state.history, new))
-        return Decision(outcome, reason, old, proposed, new_state, audit)
+        return Decision(outcome, reason, old, proposed, new_state, entry)
 
     n_ng, n_ok = counts.get("real_ng", 0), counts.get("real_ok", 0)
     if n_ng < config.min_real_ng or n_ok < config.min_real_ok:
@@ -338,7 +361,7 @@ def recalibrate(
     try:
         proposed = estimate.calibrate(
             evidence,
-            config.options(),
+            dataclasses.replace(config.options(), audit=audit),
             provenance=estimate.Provenance(
                 model_sha256=old.model_sha256,
                 created_by=actor,
@@ -359,7 +382,7 @@ def recalibrate(
         )
     value = clamp_step(old.value, proposed.value, config.max_step)
     if config.mode == "cost" and config.gain_level > 0 and evidence_has_ng(evidence):
-        g = cost_gain(evidence, old.value, value, config)
+        g = cost_gain(evidence, old.value, value, config, audit=audit)
         if g.low <= 0.0:
             return decide(
                 "unchanged",

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ngcal.calibration.audit import AuditAnchor
 from ngcal.calibration.ng import jeffreys_interval
 from ngcal.calibration.policy import Decision, PolicyState
 from ngcal.calibration.statements import audit_miss_rate, headline
@@ -191,6 +192,27 @@ def assemble_evidence(
             latest, drawn=audit_drawn, level=level, passed=tally[0], caught=tally[1]
         ),
     )
+
+
+def audit_anchor(audit: EscapeAudit, threshold: float) -> AuditAnchor | None:
+    """The audit's miss rate at ``threshold`` (the one in force) for the policy, or None.
+
+    None before the first audit check. The tally spans every verdict of this model, so
+    after a move the figure mixes the thresholds that were in force (decision 0304).
+    """
+    r = audit.rate
+    if r is None:
+        return None
+    miss = audit_miss_rate(
+        escaped=audit.escaped,
+        checked=audit.checked,
+        passed=audit.passed,
+        caught=audit.caught,
+        level=r.level,
+    )
+    if miss is None:
+        return None
+    return AuditAnchor(threshold=threshold, miss=miss, escaped=audit.escaped)
 
 
 def with_escape_notes(d: Decision, audit: EscapeAudit) -> Decision:

@@ -30,7 +30,13 @@ from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import OperatingPoint, ThresholdFile, thresholds_json
 
 from .config import RecalibrationConfig
-from .evidence import DeviceEvidence, assemble_evidence, audit_draw, with_escape_notes
+from .evidence import (
+    DeviceEvidence,
+    assemble_evidence,
+    audit_anchor,
+    audit_draw,
+    with_escape_notes,
+)
 from .messages import RECAL_SCHEMA, Outbound, Topics
 from .store import Store, append_audit, enqueue, put_meta
 
@@ -212,8 +218,9 @@ class ThresholdKeeper:
         with self._lock:
             pc = policy_config(self.cfg, dry_run=dry_run)
             ev = self.device_evidence()
+            anchor = audit_anchor(ev.audit, self.state.current.value)
             decision = with_escape_notes(
-                recalibrate(self.state, list(ev.sets), pc, actor=actor), ev.audit
+                recalibrate(self.state, list(ev.sets), pc, actor=actor, audit=anchor), ev.audit
             )
             decision.audit["device_evidence"] = ev.summary()
             self._commit(decision, "recalibrate", on_commit)
