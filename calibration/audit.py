@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ngcal.core.errors import ConfigError
 from ngcal.core.thresholds import Interval
 
-from . import ng
+from . import ng, statements
 from .fusion import FusedEvidence
 
 Notes = dict[str, float | int | str | None]
@@ -50,6 +51,46 @@ class AuditAnchor:
             raise ValueError("audit anchor: the miss rate needs a value and an interval")
         if not 0.0 <= m.low <= m.value <= m.high <= 1.0:
             raise ValueError(f"audit anchor: inconsistent miss interval {m}")
+
+
+#: the fields of an audit figure given on the command line (``ngcal calibrate --audit``)
+AUDIT_FIELDS = ("threshold", "passed", "caught", "checked", "escaped")
+
+
+def parse_audit(spec: str, *, level: float = 0.95) -> AuditAnchor:
+    """``threshold=T,passed=N,caught=C,checked=n,escaped=x`` as an anchor.
+
+    At threshold ``T`` the line passed ``N`` parts and caught ``C`` confirmed defects;
+    ``n`` passed parts drawn at random were checked and ``x`` of them were defective.
+    ConfigError names the fault.
+    """
+    fields: dict[str, float] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in AUDIT_FIELDS or key in fields:
+            raise ConfigError(f"--audit {spec!r}: expected {'=..,'.join(AUDIT_FIELDS)}=..")
+        try:
+            fields[key] = float(value)
+        except ValueError as e:
+            raise ConfigError(f"--audit {spec!r}: {key}={value!r} is not a number") from e
+    missing = [k for k in AUDIT_FIELDS if k not in fields]
+    if missing:
+        raise ConfigError(f"--audit {spec!r}: missing {', '.join(missing)}")
+    counts = {k: fields[k] for k in AUDIT_FIELDS[1:]}
+    if any(v < 0 or v != int(v) for v in counts.values()) or counts["escaped"] > counts["checked"]:
+        raise ConfigError(f"--audit {spec!r}: counts must be whole numbers, escaped <= checked")
+    if counts["checked"] < 1 or counts["checked"] > counts["passed"]:
+        raise ConfigError(f"--audit {spec!r}: need 1 <= checked <= passed")
+    miss = statements.audit_miss_rate(
+        escaped=int(counts["escaped"]),
+        checked=int(counts["checked"]),
+        passed=int(counts["passed"]),
+        caught=int(counts["caught"]),
+        level=level,
+    )
+    assert miss is not None  # checked >= 1
+    return AuditAnchor(threshold=fields["threshold"], miss=miss, escaped=int(counts["escaped"]))
 
 
 def _split(sample: ng.NgSample, t0: float) -> tuple[ng.NgSample, np.ndarray]:

@@ -76,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how many real NG the synthetic NG evidence is worth (fusion prior; default 2)",
     )
+    p.add_argument(
+        "--audit",
+        default=None,
+        metavar="threshold=T,passed=N,caught=C,checked=n,escaped=x",
+        help="random audit of passed parts at the threshold in force T: N passed, C caught, "
+        "n of the passed checked, x of them defective; the NG evidence is anchored to the "
+        "audited miss rate (decision 0304)",
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", required=True, type=Path, help="thresholds.json to write")
     p.add_argument("--report", type=Path, default=None, help="HTML report to write")
@@ -196,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.prior_pseudo_count is not None:
         options = dataclasses.replace(options, prior_pseudo_count=args.prior_pseudo_count)
+    if args.audit is not None:
+        from ngcal.calibration.audit import parse_audit
+
+        options = dataclasses.replace(options, audit=parse_audit(args.audit))
     t = calibrate(sets, options, provenance=Provenance(model_sha256=sha))
     evidence_dir = save_evidence(args.out, sets)
     save_thresholds(args.out, t)
@@ -219,6 +231,13 @@ def run(args: argparse.Namespace) -> int:
             f"on the evidence was {float(optimum):.6g}): the defect evidence is mostly "
             "synthetic, and look-alikes have read easier to catch than real defects "
             "(docs/decisions/0303)"
+        )
+    if t.notes.get("audit_anchor") is not None:
+        n = t.notes
+        print(
+            f"audit at threshold {float(n['audit_threshold'] or 0):.6g}: {n['audit_anchor']} "
+            f"(miss rate there {float(n.get('audit_fused_miss') or 0):.1%} on the evidence, "
+            f"{float(n.get('audit_target_miss') or 0):.1%} used; docs/decisions/0304)"
         )
     fnr = t.expected_fnr.value if t.expected_fnr else None
     if fnr is not None and fnr > WARN_MISS_RATE:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ngcal.calibration import audit, estimate, fusion, policy, statements
+from ngcal.core.errors import ConfigError
 from ngcal.core.scoresets import ScoreSet
 from ngcal.core.thresholds import Interval, ThresholdFile
 
@@ -125,3 +126,25 @@ def test_projection_onto_the_interval_without_an_escape() -> None:
 def test_anchor_rejects_an_inconsistent_interval() -> None:
     with pytest.raises(ValueError):
         audit.AuditAnchor(1.0, Interval(value=0.5, low=0.6, high=0.7), 1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "threshold=1,passed=10,caught=1,checked=5",  # missing escaped
+        "threshold=1,passed=10,caught=1,checked=5,escaped=6",  # more escapes than checks
+        "threshold=1,passed=10,caught=1,checked=0,escaped=0",  # no check
+        "threshold=1,passed=10,caught=1.5,checked=5,escaped=0",  # not a count
+        "threshold=x,passed=10,caught=1,checked=5,escaped=0",
+        "threshold=1,passed=10,caught=1,checked=5,escaped=0,extra=1",
+    ],
+)
+def test_parse_audit_names_a_malformed_figure(spec: str) -> None:
+    with pytest.raises(ConfigError, match="--audit"):
+        audit.parse_audit(spec)
+
+
+def test_parse_audit_gives_the_audited_miss_rate() -> None:
+    a = audit.parse_audit("threshold=2.5,passed=1000,caught=40,checked=100,escaped=2")
+    assert a.threshold == 2.5 and a.escaped == 2
+    assert a.miss.value == pytest.approx(0.02 * 1000 / (0.02 * 1000 + 40))

@@ -127,3 +127,28 @@ def test_calibrate_says_when_the_synthetic_ceiling_capped_the_threshold(
     assert t.method == "min_expected_cost_synthetic_ceiling"
     assert "capped at the good parts' 99th percentile" in text
     assert f"{t.value:.6g}" in text and f"{float(t.notes['cost_optimum'] or 0):.6g}" in text
+
+
+def test_calibrate_takes_an_audit_figure(
+    tmp_path: Path, make_set: Callable[..., ScoreSet], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--audit anchors the NG evidence (decision 0304): a line that misses far more than its
+    confirmations say gets a lower threshold; a malformed figure exits 2 naming --audit."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    good = rng.normal(10.0, 1.0, 1000)
+    real = rng.normal(12.0, 1.0, 400)
+    confirmed = np.r_[real[real >= 12.3], real[real < 12.3][:15]]  # few escapes found
+    sets = [make_set("normal_loo", good), make_set("real_ng", confirmed)]
+    model = _model_dir(tmp_path / "model", sets)
+    plain, anchored = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["calibrate", "--model", str(model), "--out", str(plain)]) == 0
+    spec = "threshold=12.3,passed=5000,caught=100,checked=1000,escaped=30"
+    assert main(["calibrate", "--model", str(model), "--audit", spec, "--out", str(anchored)]) == 0
+    assert "docs/decisions/0304" in capsys.readouterr().out
+    a, b = load_thresholds(plain), load_thresholds(anchored)
+    assert b.notes["audit_anchor"] == "reweighted" and b.value < a.value
+    assert "audit_anchor" not in a.notes
+    bad = main(["calibrate", "--model", str(model), "--audit", "passed=3", "--out", str(plain)])
+    assert bad == 2 and "--audit" in capsys.readouterr().err
