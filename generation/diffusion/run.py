@@ -40,7 +40,7 @@ from ngcal.patchcore.io import LoadedModel
 
 from ..heldout import HeldOutScorer, TrainImage, bank_sources, training_index
 from ..las import contact_sheet, save_png
-from ..perlin import otsu_foreground, pool_to_grid
+from ..perlin import cells_to_pixels, otsu_foreground, pool_to_grid
 from .backend import Candidate, DefectBackend, Reference, Request
 from .fewshot import ZERO_NG_GROUP, FewShotBackend, FewShotConfig
 from .gate import (
@@ -241,6 +241,17 @@ def score_heldout(
     return held, full
 
 
+def model_part_pixels(loaded: LoadedModel, shape: tuple[int, int]) -> np.ndarray | None:
+    """The model's part mask (``fit --foreground``) as a bool pixel mask of ``shape``, on
+    the patch grid's cell boundaries; None when the model has none."""
+    module = loaded.module
+    if not module.has_foreground:
+        return None
+    grid = tuple(loaded.manifest.patchcore.feature_map_size)
+    cells = module.foreground.detach().cpu().numpy().reshape(grid) > 0.5
+    return cells_to_pixels(cells, shape)
+
+
 def generate_diffusion(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -267,10 +278,15 @@ def generate_diffusion(
     slots = [j % len(picked) for j in range(options.count)]
     pool = rgb[options.count :] or rgb
     groups = sorted({r.group for r in refs}) or [ZERO_NG_GROUP]
+    # a model with a part mask does not score the background (decision 0201): targets go
+    # on the part, as GLASS's regions do (decision 0203)
+    part = model_part_pixels(loaded, (size, size))
     requests, kinds = [], []
     for j, s in enumerate(slots):
         g = groups[j % len(groups)]
         fg = otsu_foreground(rgb[s][..., 0]) if options.foreground else None
+        if part is not None:
+            fg = part if fg is None or not (fg & part).any() else fg & part
         t = draw_placed_target([r for r in refs if r.group == g], (size, size), rng, foreground=fg)
         requests.append(GuidedRequest(rgb[s], t.mask, g, t.reference, t.placement))
         kinds.append(t.kind)
@@ -378,6 +394,7 @@ def generate_diffusion(
         "sample_seconds": sample_seconds,
         "seconds_per_sample": sample_seconds / max(len(rows), 1),
         "median_score": float(np.median(scores)) if scores.size else None,
+        "part_mask": None if part is None else {"used": True, "coverage": float(part.mean())},
     }
     atomic_write_json(out / "diffusion_run.json", summary)
     return DiffusionOutput(ss, out, sheet, summary)
