@@ -199,7 +199,9 @@ class Build:
         #: defects from them); real NG without masks still count in calibrate
         self.wants_diffusion: bool = bool(args.diffusion)
         if args.ng is not None and not args.diffusion:
-            self.wants_diffusion = ng_has_masks(args.ng)
+            from ngcal.generation.diffusion.targets import has_masks
+
+            self.wants_diffusion = has_masks(args.ng)
             if not self.wants_diffusion:
                 log.warning(
                     "%s: no NG image has a mask (x.png + x_mask.png, or an MVTec "
@@ -439,17 +441,6 @@ class Build:
 
 def _key(argv: list[str], inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([argv, inputs], sort_keys=True).encode()).hexdigest()
-
-
-def ng_has_masks(folder: Path) -> bool:
-    """Whether a ``--ng`` folder holds any defect mask the diffusion generator can learn
-    from: an ``x_mask.*`` beside its image (at any depth), or the MVTec
-    ``../../ground_truth/<type>/`` folder of a ``test/<type>`` folder."""
-    if not folder.is_dir():
-        return False
-    if (folder.parent.parent / "ground_truth" / folder.name).is_dir():
-        return True
-    return any(p.is_file() and p.stem.endswith("_mask") for p in folder.rglob("*"))
 
 
 def _has_generator(name: str) -> bool:

@@ -48,17 +48,31 @@ def _pairs(folder: Path) -> list[tuple[Path, Path]]:
     return out
 
 
+def mask_groups(folder: Path) -> list[tuple[Path, list[tuple[Path, Path]]]]:
+    """The (defect-type folder, (image, mask) pairs) of one ``--ng`` folder: the folder
+    itself, or else each of its sub-folders, where it holds any image with a mask."""
+    pairs = _pairs(folder)
+    groups = (
+        [(folder, pairs)]
+        if pairs
+        else [(d, _pairs(d)) for d in sorted(folder.iterdir()) if d.is_dir()]
+    )
+    return [(d, p) for d, p in groups if p]
+
+
+def has_masks(folder: Path) -> bool:
+    """Whether ``folder`` holds real NG the diffusion generator can learn from (images
+    with masks, as :func:`load_references` finds them); False for a missing folder."""
+    return folder.is_dir() and bool(mask_groups(folder))
+
+
 def load_references(folders: Sequence[str | Path], size: int) -> list[Reference]:
     """Real NG images with masks from ``folders`` (see the module docstring), at ``size``."""
     refs: list[Reference] = []
     for f in map(Path, folders):
         if not f.is_dir():
             raise DataError(f"--ng {f}: not a directory")
-        pairs = _pairs(f)
-        groups = (
-            [(f, pairs)] if pairs else [(d, _pairs(d)) for d in sorted(f.iterdir()) if d.is_dir()]
-        )
-        groups = [(d, p) for d, p in groups if p]
+        groups = mask_groups(f)
         if not groups:
             list_images(f)  # raises when there is no image at all
             raise DataError(f"--ng {f}: no image has a mask (x.png + x_mask.png or ground_truth/)")
