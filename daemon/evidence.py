@@ -73,6 +73,19 @@ class EscapeAudit:
     passed: int = 0
     caught: int = 0
 
+    def miss_rate(self) -> Interval | None:
+        """The line's miss rate with its interval, from these counts; None before the
+        first check (:func:`ngcal.calibration.statements.audit_miss_rate`)."""
+        if self.rate is None:
+            return None
+        return audit_miss_rate(
+            escaped=self.escaped,
+            checked=self.checked,
+            passed=self.passed,
+            caught=self.caught,
+            level=self.rate.level,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """JSON-able counts and the rate (null before the first check)."""
         return {
@@ -200,16 +213,7 @@ def audit_anchor(audit: EscapeAudit, threshold: float) -> AuditAnchor | None:
     None before the first audit check. The tally spans every verdict of this model, so
     after a move the figure mixes the thresholds that were in force (decision 0304).
     """
-    r = audit.rate
-    if r is None:
-        return None
-    miss = audit_miss_rate(
-        escaped=audit.escaped,
-        checked=audit.checked,
-        passed=audit.passed,
-        caught=audit.caught,
-        level=r.level,
-    )
+    miss = audit.miss_rate()
     if miss is None:
         return None
     return AuditAnchor(threshold=threshold, miss=miss, escaped=audit.escaped)
@@ -228,13 +232,7 @@ def with_escape_notes(d: Decision, audit: EscapeAudit) -> Decision:
     if not d.applied or r is None:
         return d
     new = d.new_state.current
-    miss = audit_miss_rate(
-        escaped=audit.escaped,
-        checked=audit.checked,
-        passed=audit.passed,
-        caught=audit.caught,
-        level=r.level,
-    )
+    miss = audit.miss_rate()
     if miss is not None:
         by_source = {**new.miss_rate_by_source, "audit": miss}
         fnr = miss if new.expected_fnr is None else headline(by_source, new.expected_fnr)
