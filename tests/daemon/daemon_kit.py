@@ -495,3 +495,51 @@ class Subscriber:
                 return
             time.sleep(0.05)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def record_line_part(
+    store: Any,
+    i: int,
+    score: float,
+    threshold: Any,
+    *,
+    draw: Callable[[str], bool] | None = None,
+) -> tuple[str, bool]:
+    """A simulated line's part ``i``: its verdict at ``threshold`` (a ThresholdFile),
+    audited when OK and ``draw(msg_id)`` says so, recorded in ``store``. Returns the
+    verdict ("OK"/"NG") and whether it was drawn for audit."""
+    from ngcal.daemon.messages import Outbound, Verdict
+
+    label = "NG" if score >= threshold.value else "OK"
+    mid = f"{i:032x}"
+    drawn = label == "OK" and draw is not None and draw(mid)
+    v = Verdict(
+        msg_id=mid,
+        camera="c",
+        path=f"{mid}.png",
+        size=1,
+        mtime_ns=1,
+        sha256=mid,
+        verdict=label,
+        reason=None,
+        score=score,
+        threshold=threshold.value,
+        threshold_version=threshold.version,
+        model_sha256=TINY_MODEL_SHA,
+        detected_at=float(i),
+        decided_at=float(i),
+        audit=drawn,
+    )
+    store.record_verdicts([(v, Outbound("t", v.payload(), mid))])
+    return label, drawn
+
+
+def confirm_line_part(store: Any, i: int, label: str, score: float) -> None:
+    """The operator's confirmation (``label``) of the simulated line's part ``i``."""
+    from ngcal.daemon.store import add_confirmation
+
+    mid = f"{i:032x}"
+    with store.tx() as c:
+        add_confirmation(
+            c, f"r{i}", msg_id=mid, sha256=mid, label=label, score=score, operator="qa"
+        )

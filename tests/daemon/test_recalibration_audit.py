@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from daemon_kit import TINY_MODEL_SHA, make_tiny_bundle
+from daemon_kit import TINY_MODEL_SHA, confirm_line_part, make_tiny_bundle, record_line_part
 
 from ngcal.calibration.audit import AuditAnchor
 from ngcal.calibration.estimate import CalibrationOptions, Provenance, calibrate
@@ -22,9 +22,9 @@ from ngcal.core.scoresets import ScoreSet, save_scoreset
 from ngcal.core.thresholds import save_thresholds
 from ngcal.daemon.config import RecalibrationConfig
 from ngcal.daemon.evidence import audit_anchor, escape_audit, latest_confirmations
-from ngcal.daemon.messages import Outbound, Topics, Verdict
+from ngcal.daemon.messages import Topics
 from ngcal.daemon.recalibration import AUDIT_SALT_KEY, ThresholdKeeper
-from ngcal.daemon.store import Store, add_confirmation
+from ngcal.daemon.store import Store
 
 SHA = TINY_MODEL_SHA
 
@@ -56,33 +56,9 @@ def _run_line(keeper: ThresholdKeeper, store: Store, n: int) -> None:
     for i in range(n):
         defect = bool(rng.random() < 0.05)
         score = float(rng.normal(3.0, 1) if defect else rng.normal(0, 1))
-        label = "NG" if score >= t.value else "OK"
-        mid = f"{i:032x}"
-        drawn = label == "OK" and keeper.audit_draw(mid)
-        v = Verdict(
-            msg_id=mid,
-            camera="c",
-            path=f"{mid}.png",
-            size=1,
-            mtime_ns=1,
-            sha256=mid,
-            verdict=label,
-            reason=None,
-            score=score,
-            threshold=t.value,
-            threshold_version=t.version,
-            model_sha256=SHA,
-            detected_at=float(i),
-            decided_at=float(i),
-            audit=drawn,
-        )
-        store.record_verdicts([(v, Outbound("t", v.payload(), mid))])
-        truth = "NG" if defect else "OK"
+        label, drawn = record_line_part(store, i, score, t, draw=keeper.audit_draw)
         if label == "NG" or drawn or (defect and rng.random() < 0.1):
-            with store.tx() as c:
-                add_confirmation(
-                    c, f"r{i}", msg_id=mid, sha256=mid, label=truth, score=score, operator="qa"
-                )
+            confirm_line_part(store, i, "NG" if defect else "OK", score)
 
 
 def test_audit_anchor_is_none_before_the_first_check() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_kit import TINY_MODEL_SHA, make_tiny_bundle
+from daemon_kit import TINY_MODEL_SHA, confirm_line_part, make_tiny_bundle, record_line_part
 from scipy import stats
 
 from ngcal.calibration.estimate import CalibrationOptions, Provenance, calibrate
@@ -25,9 +25,9 @@ from ngcal.core.manifest import read_manifest, write_manifest
 from ngcal.core.scoresets import ScoreSet, save_scoreset
 from ngcal.core.thresholds import save_thresholds
 from ngcal.daemon.config import RecalibrationConfig
-from ngcal.daemon.messages import Outbound, Topics, Verdict
+from ngcal.daemon.messages import Topics
 from ngcal.daemon.recalibration import ThresholdKeeper
-from ngcal.daemon.store import Store, add_confirmation
+from ngcal.daemon.store import Store
 
 SHA = TINY_MODEL_SHA
 PREVALENCE, COST_RATIO, DEFECT_MEAN = 0.02, 10.0, 3.0
@@ -71,33 +71,12 @@ def simulated_line(
         defect = bool(rng.random() < PREVALENCE)
         score = float(rng.normal(DEFECT_MEAN, 1) if defect else rng.normal(0, 1))
         t = keeper.current
-        label = "NG" if score >= t.value else "OK"
-        mid = f"{i:032x}"
-        v = Verdict(
-            msg_id=mid,
-            camera="c",
-            path=f"{mid}.png",
-            size=1,
-            mtime_ns=1,
-            sha256=mid,
-            verdict=label,
-            reason=None,
-            score=score,
-            threshold=t.value,
-            threshold_version=t.version,
-            model_sha256=SHA,
-            detected_at=float(i),
-            decided_at=float(i),
-        )
-        store.record_verdicts([(v, Outbound("t", v.payload(), mid))])
+        label, _ = record_line_part(store, i, score, t)
         truth = "NG" if defect else "OK"
         found = label == "NG" or (defect and rng.random() < 0.5)
         if found:
+            confirm_line_part(store, i, truth, score)
             confirmed_ok += truth == "OK"
-            with store.tx() as c:
-                add_confirmation(
-                    c, f"r{i}", msg_id=mid, sha256=mid, label=truth, score=score, operator="qa"
-                )
         if (i + 1) % every == 0:
             keeper.recalibrate(actor="simulated operator")
             thresholds.append(keeper.current.value)
