@@ -90,6 +90,12 @@ def _defect(
     return np.where(part, out, img), mask & part
 
 
+def _save(arr: np.ndarray, path: Path) -> None:
+    """One grayscale PNG (clipped to 0-255), its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(path)
+
+
 def make_part_on_table(
     root: str | Path,
     *,
@@ -103,20 +109,16 @@ def make_part_on_table(
     root = Path(root)
     rng = np.random.default_rng(seed)
 
-    def save(arr: np.ndarray, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(path)
-
     for i in range(n_train):
-        save(_part(rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
+        _save(_part(rng, size)[0], root / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        save(_part(rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
+        _save(_part(rng, size)[0], root / "test" / "good" / f"{i:03d}.png")
     for kind in DEFECTS:
         for i in range(n_test_per_defect):
             img, part, cy, cx = _part(rng, size)
             bad, mask = _defect(rng, img, part, cy, cx, kind)
-            save(bad, root / "test" / kind / f"{i:03d}.png")
-            save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+            _save(bad, root / "test" / kind / f"{i:03d}.png")
+            _save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
     return root
 
 
@@ -171,17 +173,13 @@ def make_long_part(
     root = Path(root)
     rng = np.random.default_rng(seed)
 
-    def save(arr: np.ndarray, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").save(path)
-
     for i in range(n_train):
-        save(_bar(rng, *hw), root / "train" / "good" / f"{i:03d}.png")
+        _save(_bar(rng, *hw), root / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        save(_bar(rng, *hw), root / "test" / "good" / f"{i:03d}.png")
+        _save(_bar(rng, *hw), root / "test" / "good" / f"{i:03d}.png")
     for kind in DEFECTS:
         for i in range(n_test_per_defect):
             bad, mask = _small_defect(rng, _bar(rng, *hw), kind)
-            save(bad, root / "test" / kind / f"{i:03d}.png")
-            save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+            _save(bad, root / "test" / kind / f"{i:03d}.png")
+            _save(mask.astype(np.uint8) * 255, root / "ground_truth" / kind / f"{i:03d}_mask.png")
     return root
