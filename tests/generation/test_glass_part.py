@@ -213,7 +213,6 @@ def test_diffusion_targets_lie_on_the_part_of_a_masked_model(
     """``ngcal generate diffusion`` on a model with a part mask (zero-NG mode) paints only
     on the part, as GLASS does: every candidate's label mask lies in the part's pixels, and
     the run record says the mask was used."""
-    pytest.importorskip("diffusers")  # the diffusion extra
     from ngcal.cli.main import main
 
     out = tmp_path / "diff"
